@@ -1,0 +1,331 @@
+"""Running a training step over micro-batches on the ``pipe`` axis of a mesh.
+
+::
+
+    pipe = Pipeline(blocks, mesh, loss_fn, schedule="1f1b", num_microbatches=8)
+    opt = torch.optim.AdamW(pipe.parameters())
+    for x, y in data:                       # the same batch on every rank (see below)
+        opt.zero_grad()
+        loss = pipe.step(x, y)              # mean micro-batch loss, on every pipe rank
+        opt.step()
+
+Shapes: ``inputs`` is ``[batch, ...]`` and is split into ``num_microbatches`` equal slices along
+dim 0 (``batch`` must be divisible); ``targets`` likewise. Only the first stage reads ``inputs``
+and only the last reads ``targets``, but passing the batch on every pipe rank lets every rank
+check it, so a bad batch raises everywhere before any send. ``None`` is allowed on ranks that do
+not read it.
+
+Loss: ``loss_fn(output_mb, target_mb)`` must return a scalar; the step backpropagates
+``loss_mb / num_microbatches`` and returns the mean over micro-batches as a 0-dim float tensor on
+**every** pipe rank (one tiny broadcast from the last stage at the end of the step; pass
+``loss_on="last"`` to skip it, other ranks then get ``None``). Over a ``data`` axis each data
+replica returns the loss of its own shard of the global batch.
+
+Gradients accumulate into ``.grad`` (zero them before a step, as with DDP). With a data axis the
+gradients of each chunk are all-reduced over it (mean by default, ``grad_reduce="sum"`` for a sum)
+asynchronously as soon as that chunk's last backward has run; the step waits for them before
+returning.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..errors import ShardingError
+from ..mesh import collectives as C
+from ..mesh.mesh import Mesh, current_mesh, normalize_axes
+from . import p2p
+from .blocks import build_chunk
+from .partition import partition as make_partition
+from .schedules import B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule, check_params, make_schedule
+
+
+class Pipeline(nn.Module):
+    """This rank's chunks of a block-sequential model and the schedule that runs them.
+
+    Args:
+        blocks: the model as a sequence of blocks: ``nn.Module`` s, functions ``fn(x)``, or pairs
+            ``(fn, params)`` for ``fn(params, x)``. Every rank passes the same list (only its own
+            chunks are kept). Each block maps one tensor to one tensor.
+        mesh: a mesh with the ``pipe_axis``; defaults to the ``with mesh:`` mesh.
+        loss_fn: ``loss_fn(output, target) -> scalar`` applied on the last stage per micro-batch.
+        schedule: ``"gpipe"``, ``"1f1b"`` or ``"interleaved"``.
+        num_microbatches: micro-batches per step (``interleaved``: a multiple of the pipe size).
+        chunks: virtual stages per rank (``interleaved``: >= 2; ``gpipe``: any; ``1f1b``: 1).
+        partition: ``"uniform"``, ``"parameters"`` or ``pipe_size * chunks - 1`` cut indices.
+        pipe_axis: name of the pipeline axis.
+        data_axes: axes to all-reduce gradients over after the last backward; default ``"data"``
+            when the mesh has it. Tensor-parallel axes are left to the layers.
+        grad_reduce: ``"mean"`` or ``"sum"`` over ``data_axes``.
+        loss_on: ``"all"`` (broadcast over pipe) or ``"last"``.
+        record_timing: keep per-action compute times of the last step in :attr:`stats`.
+    """
+
+    def __init__(self, blocks: Sequence[object], mesh: Mesh | None = None,
+                 loss_fn: Callable[..., torch.Tensor] | None = None, *, schedule: str = "1f1b",
+                 num_microbatches: int = 1, chunks: int = 1, partition: str | Sequence[int] = "uniform",
+                 pipe_axis: str = "pipe", data_axes: str | Sequence[str] | None | object = ...,
+                 grad_reduce: str = "mean", loss_on: str = "all", record_timing: bool = False):
+        super().__init__()
+        mesh = current_mesh(mesh)
+        if pipe_axis not in mesh.names:
+            raise ShardingError(
+                f"mesh {mesh} has no pipeline axis {pipe_axis!r}; build the mesh with a {pipe_axis!r} axis, "
+                f"e.g. Mesh((4, 2), ('{pipe_axis}', 'data')), or pass pipe_axis= one of {mesh.names}")
+        if loss_fn is None:
+            raise ShardingError("Pipeline needs loss_fn(output, target) -> scalar for the last stage")
+        if grad_reduce not in ("mean", "sum"):
+            raise ShardingError(f"grad_reduce must be 'mean' or 'sum', got {grad_reduce!r}")
+        if loss_on not in ("all", "last"):
+            raise ShardingError(f"loss_on must be 'all' or 'last', got {loss_on!r}")
+        self.mesh, self.pipe_axis = mesh, pipe_axis
+        self.pipe_size, self.pipe_rank = mesh.size(pipe_axis), mesh.coord(pipe_axis)
+        check_params(schedule, self.pipe_size, num_microbatches, chunks)
+        blocks = list(blocks)
+        self.ranges = make_partition(blocks, self.pipe_size * chunks, partition)
+        if data_axes is ...:
+            data_axes = ("data",) if "data" in mesh.names else ()
+        self.data_axes = mesh.check_axes(normalize_axes(data_axes)) if data_axes else ()
+        if pipe_axis in self.data_axes:
+            raise ShardingError(f"data_axes {self.data_axes} must not contain the pipe axis {pipe_axis!r}")
+        self.schedule: Schedule = make_schedule(schedule, self.pipe_size, num_microbatches, chunks)
+        self.num_microbatches, self.chunks = num_microbatches, chunks
+        self.loss_fn, self.grad_reduce, self.loss_on = loss_fn, grad_reduce, loss_on
+        self.record_timing = record_timing
+        self.stats: dict[str, Any] = {}
+        self.stages = nn.ModuleList(build_chunk(blocks, *self.ranges[self.virtual_stage(c)])
+                                    for c in range(chunks))
+        self._recv_meta: dict[int, p2p.TensorMeta] = {}   # chunk -> meta of its input activation
+        self._sent_meta: dict[int, p2p.TensorMeta] = {}   # chunk -> meta of its output activation
+        self._actions = self.schedule.actions(self.pipe_rank)
+        self._last_backward = {a.chunk: i for i, a in enumerate(self._actions) if a.kind == B}
+
+    # ------------------------------------------------------------------ topology
+    def virtual_stage(self, chunk: int) -> int:
+        """Global index of this rank's ``chunk`` (stage ``chunk * pipe_size + pipe_rank``)."""
+        return chunk * self.pipe_size + self.pipe_rank
+
+    @property
+    def num_stages(self) -> int:
+        return self.pipe_size * self.chunks
+
+    def is_first(self, chunk: int) -> bool:
+        return self.virtual_stage(chunk) == 0
+
+    def is_last(self, chunk: int) -> bool:
+        return self.virtual_stage(chunk) == self.num_stages - 1
+
+    def block_indices(self, chunk: int) -> range:
+        """Indices (in the full block list) of the blocks of this rank's ``chunk``."""
+        return range(*self.ranges[self.virtual_stage(chunk)])
+
+    def named_block_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``("<global block index>.<name>", param)`` for this rank's parameters, as in ``nn.Sequential(*blocks)``."""
+        for c, stage in enumerate(self.stages):
+            for local_i, global_i in enumerate(self.block_indices(c)):
+                for name, prm in stage[local_i].named_parameters():
+                    yield f"{global_i}.{name}", prm
+
+    def reset_shapes(self) -> None:
+        """Forget cached activation shapes (call on every pipe rank together when they change)."""
+        self._recv_meta.clear()
+        self._sent_meta.clear()
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - guidance only
+        raise ShardingError("call Pipeline.step(inputs, targets) to run a pipelined training step")
+
+    # ------------------------------------------------------------------ checks
+    def _split(self, x: Any, what: str) -> list[Any] | None:
+        if x is None:
+            return None
+        m = self.num_microbatches
+        if not isinstance(x, torch.Tensor) or x.ndim == 0:
+            raise ShardingError(f"pipeline {what} must be a tensor with a batch dimension 0, got {type(x).__name__}")
+        if x.shape[0] % m:
+            raise ShardingError(
+                f"pipeline {what} has batch size {x.shape[0]} (dim 0), not divisible by num_microbatches={m}; "
+                f"use a batch size that is a multiple of {m} or change num_microbatches")
+        return list(x.chunk(m, dim=0)) if m > 1 else [x]
+
+    # ------------------------------------------------------------------ step
+    def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Run forward and backward of every micro-batch with the schedule; see the module docstring."""
+        mesh, axis, m = self.mesh, self.pipe_axis, self.num_microbatches
+        xs = self._split(inputs, "inputs")
+        ys = self._split(targets, "targets")
+        first_here = any(self.is_first(c) for c in range(self.chunks))
+        last_here = any(self.is_last(c) for c in range(self.chunks))
+        if first_here and xs is None:
+            raise ShardingError(f"pipe rank {self.pipe_rank} runs the first stage and needs inputs, got None")
+        # Until every link's shapes are cached (the first step), receives are posted at the point
+        # of use, after the metadata message; afterwards they are posted early to overlap compute.
+        lazy = (any(c not in self._recv_meta for c in range(self.chunks) if not self.is_first(c))
+                or any(c not in self._sent_meta for c in range(self.chunks) if not self.is_last(c)))
+
+        t_step = time.perf_counter()
+        timings: list[tuple[Action, float]] = []
+        pending_recv: dict[tuple[str, int, int], Any] = {}
+        sends: list[Any] = []
+        saved_in: dict[tuple[int, int], torch.Tensor] = {}
+        saved_out: dict[tuple[int, int], torch.Tensor] = {}
+        losses: list[torch.Tensor] = []
+        grad_work: list[tuple[list[torch.Tensor], Any]] = []
+
+        def post_recv(a: Action) -> None:
+            if a.kind == RECV_F:
+                meta = self._recv_meta.get(a.chunk)
+                if meta is None:
+                    meta = p2p.recv_meta(mesh, axis, a.peer)
+                    self._recv_meta[a.chunk] = meta
+                buf = torch.empty(meta.local_shape, dtype=meta.dtype, device=mesh.device)
+            else:  # the gradient has the shape of the activation this chunk sent
+                meta = self._sent_meta[a.chunk]
+                buf = torch.empty(meta.local_shape, dtype=meta.dtype, device=mesh.device)
+            pending_recv[(a.kind, a.mb, a.chunk)] = (a, p2p.recv_async(buf, mesh, axis, a.peer))
+
+        def take_recv(kind: str, mb: int, chunk: int) -> torch.Tensor:
+            key = (kind, mb, chunk)
+            if key not in pending_recv:  # lazy mode: posted at the point of use
+                post_recv(lazy_recvs.pop(key))
+            return pending_recv.pop(key)[1].wait()
+
+        lazy_recvs: dict[tuple[str, int, int], Action] = {}
+        for i, a in enumerate(self._actions):
+            if a.kind in (RECV_F, RECV_B):
+                if lazy:
+                    lazy_recvs[(a.kind, a.mb, a.chunk)] = a
+                else:
+                    post_recv(a)
+            elif a.kind == F:
+                t0 = self._tic()
+                stage = self.stages[a.chunk]
+                if self.is_first(a.chunk):
+                    x = xs[a.mb]
+                    leaf = None
+                else:
+                    leaf = take_recv(RECV_F, a.mb, a.chunk).requires_grad_()
+                    x = p2p.wrap_received(leaf, self._recv_meta[a.chunk], mesh)
+                y = stage(x)
+                if self.is_last(a.chunk):
+                    loss = self.loss_fn(y, ys[a.mb] if ys is not None else None)
+                    loss = self._scalar(loss)
+                    losses.append(loss.detach())
+                    saved_out[(a.mb, a.chunk)] = loss / m
+                else:
+                    saved_out[(a.mb, a.chunk)] = y
+                saved_in[(a.mb, a.chunk)] = leaf
+                timings.append((a, self._toc(t0)))
+            elif a.kind == SEND_F:
+                y = saved_out[(a.mb, a.chunk)]
+                meta = p2p.meta_of(y)
+                known = self._sent_meta.get(a.chunk)
+                if known is None:
+                    sends.append(p2p.send_meta(meta, mesh, axis, a.peer))
+                    self._sent_meta[a.chunk] = meta
+                elif known != meta:
+                    raise ShardingError(
+                        f"pipe rank {self.pipe_rank} chunk {a.chunk}: activation changed from {known} to {meta} "
+                        "since the first step; keep micro-batch shapes fixed or call reset_shapes() on every rank")
+                sends.append(p2p.send_async(p2p.local_block(y), mesh, axis, a.peer))
+            elif a.kind == B:
+                t0 = self._tic()
+                out = saved_out.pop((a.mb, a.chunk))
+                if self.is_last(a.chunk):
+                    out.backward()
+                else:
+                    g = take_recv(RECV_B, a.mb, a.chunk)
+                    torch.autograd.backward(p2p.autograd_local(out), g)
+                leaf = saved_in.pop((a.mb, a.chunk))
+                if leaf is not None:
+                    saved_in[("grad", a.mb, a.chunk)] = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                if self.data_axes and self._last_backward[a.chunk] == i:
+                    grad_work.append(self._reduce_grads_async(self.stages[a.chunk]))
+                timings.append((a, self._toc(t0)))
+            elif a.kind == SEND_B:
+                g = saved_in.pop(("grad", a.mb, a.chunk))
+                sends.append(p2p.send_async(g, mesh, axis, a.peer))
+        for s in sends:
+            s.wait()
+        for grads, work in grad_work:
+            self._finish_grads(grads, work)
+        if saved_out or pending_recv or lazy_recvs:
+            raise RuntimeError("pipeline step finished with unconsumed activations or messages (schedule bug)")
+        loss = torch.stack(losses).mean() if losses else None
+        if self.loss_on == "all" and self.pipe_size > 1:
+            buf = loss.to(torch.float64) if loss is not None else torch.empty((), dtype=torch.float64, device=mesh.device)
+            loss = C.broadcast(buf, mesh, axis, src=(self.num_stages - 1) % self.pipe_size, out=buf)
+        if self.record_timing:
+            self._sync()
+            self.stats = {"step_s": time.perf_counter() - t_step,
+                          "compute_s": sum(self._elapsed(t) for _, t in timings),
+                          "actions": [(repr(a), self._elapsed(t)) for a, t in timings]}
+        return loss
+
+    # ------------------------------------------------------------------ helpers
+    def _scalar(self, loss: torch.Tensor) -> torch.Tensor:
+        if p2p.is_sharded(loss):
+            from ..sharding import unshard
+
+            loss = unshard(loss)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ShardingError(f"loss_fn must return a scalar tensor, got {getattr(loss, 'shape', type(loss))}")
+        return loss.reshape(())
+
+    def _reduce_grads_async(self, stage: nn.Module) -> tuple[list[torch.Tensor], Any]:
+        grads = []
+        for prm in stage.parameters():
+            if not prm.requires_grad:
+                continue
+            if prm.grad is None:
+                prm.grad = torch.zeros_like(prm)
+            grads.append(p2p.local_block(prm.grad) if p2p.is_sharded(prm.grad) else prm.grad)
+        if not grads:
+            return grads, None
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        return grads, C.all_reduce(flat, self.mesh, self.data_axes, async_op=True)
+
+    def _finish_grads(self, grads: list[torch.Tensor], work: Any) -> None:
+        if work is None:
+            return
+        flat = work.wait()
+        if self.grad_reduce == "mean":
+            flat = flat / self.mesh.size(self.data_axes)
+        off = 0
+        with torch.no_grad():
+            for g in grads:
+                n = g.numel()
+                g.copy_(flat[off:off + n].view_as(g))
+                off += n
+
+    def _tic(self):
+        if not self.record_timing:
+            return None
+        if self.mesh.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _toc(self, t0):
+        if t0 is None:
+            return None
+        if isinstance(t0, float):
+            return time.perf_counter() - t0
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return (t0, ev)
+
+    @staticmethod
+    def _elapsed(t) -> float:
+        if t is None:
+            return 0.0
+        if isinstance(t, float):
+            return t
+        return t[0].elapsed_time(t[1]) / 1e3
+
+    def _sync(self) -> None:
+        if self.mesh.device.type == "cuda":
+            torch.cuda.synchronize()
