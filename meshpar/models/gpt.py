@@ -1,0 +1,228 @@
+"""A GPT (nanoGPT-sized) written functionally: a dict of parameters plus pure functions.
+
+The same :func:`forward` runs dense and in every tensor-parallel mode; only the
+:class:`~meshpar.models.plans.Plan` (a table of specs) differs. Weights are stored ``[in, out]``
+(``y = x @ w + b``). Parameter names::
+
+    wte [V, C]   wpe [block_size, C]
+    h.{l}.ln_1.{weight,bias} [C]      h.{l}.attn.{q,k,v,proj}.weight [C, C]  .bias [C]
+    h.{l}.ln_2.{weight,bias} [C]      h.{l}.mlp.fc.weight [C, 4C] .bias [4C]
+                                      h.{l}.mlp.proj.weight [4C, C] .bias [C]
+    ln_f.{weight,bias} [C]            lm_head.weight [C, V]     (no ``*.bias`` when bias=False)
+
+The LM head is not tied to ``wte``: the two want different layouts in 2D/3D (see
+docs/tensor-parallel.md). Under a plan, sizes are padded (:func:`~meshpar.models.plans.padded_sizes`)
+and ``forward`` returns logits of global shape ``[B, T, V_padded]``; columns ``>= vocab_size`` are
+padding (use :func:`loss_fn`, which masks them, or slice ``[..., :vocab_size]`` after ``unshard``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ShardingError
+from ..nn.functional import causal_attention, constrain, cross_entropy, dropout, embedding, layer_norm, linear, take_rows
+from ..sharding.api import unshard
+from ..sharding.tensor import ShardedTensor
+from .plans import Plan, padded_sizes, shard_params
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """GPT hyper-parameters (nanoGPT's names)."""
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self):
+        for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"GPTConfig.{k} must be >= 1, got {getattr(self, k)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} must be a multiple of n_head {self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def param_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> dense shape of every parameter, in a fixed order."""
+    C, V = cfg.n_embd, cfg.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"wte": (V, C), "wpe": (cfg.block_size, C)}
+
+    def norm(prefix):
+        shapes[prefix + ".weight"] = (C,)
+        if cfg.bias:
+            shapes[prefix + ".bias"] = (C,)
+
+    def lin(prefix, i, o):
+        shapes[prefix + ".weight"] = (i, o)
+        if cfg.bias:
+            shapes[prefix + ".bias"] = (o,)
+
+    for l in range(cfg.n_layer):
+        p = f"h.{l}."
+        norm(p + "ln_1")
+        for n in ("q", "k", "v", "proj"):
+            lin(p + "attn." + n, C, C)
+        norm(p + "ln_2")
+        lin(p + "mlp.fc", C, 4 * C)
+        lin(p + "mlp.proj", 4 * C, C)
+    norm("ln_f")
+    shapes["lm_head.weight"] = (C, V)
+    return shapes
+
+
+def init_params(cfg: GPTConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Dense, deterministic parameters (GPT-2 init: N(0, 0.02), residual projections scaled by
+    1/sqrt(2 n_layer), zero biases, unit norm weights). Same values on every rank for one seed."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in param_shapes(cfg).items():
+        if "ln_" in name:
+            t = torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+        elif name.endswith("bias"):
+            t = torch.zeros(shape)
+        else:
+            std = 0.02 / (2 * cfg.n_layer) ** 0.5 if name.endswith("proj.weight") else 0.02
+            t = torch.randn(shape, generator=g, dtype=torch.float64) * std
+        out[name] = t.to(dtype)
+    return out
+
+
+def _plan_or_dense(plan: Plan | None) -> Plan:
+    from .plans import make_plan
+    return make_plan("dense") if plan is None else plan
+
+
+def forward(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: GPTConfig, plan: Plan | None = None, *,
+            train: bool = False, seed: int = 0) -> torch.Tensor:
+    """Logits of ``idx [B, T]`` (int ids, global on every rank, or already laid out as ``plan.act['tokens']``).
+
+    Args:
+        params: from :func:`init_params` (dense plan) or :func:`~meshpar.models.plans.shard_params`.
+        train: enables dropout (``cfg.dropout``); masks come from ``seed`` and are layout-independent,
+            so every mode drops the same elements as the dense model.
+    Returns:
+        ``[B, T, V]`` (plain) or ``[B, T, V_padded]`` ShardedTensor with spec ``plan.act['logits']``.
+    """
+    plan = _plan_or_dense(plan)
+    sz = padded_sizes(cfg, plan)
+    if idx.ndim != 2:
+        raise ShardingError(f"idx must be [B, T], got shape {tuple(idx.shape)}")
+    B, T = idx.shape
+    if T > cfg.block_size:
+        raise ShardingError(f"sequence length {T} exceeds block_size {cfg.block_size}")
+    p = cfg.dropout if train else 0.0
+    act = plan.act if not plan.dense else {}
+    resid, inner = act.get("resid"), act.get("inner")
+    bias = (lambda n: params.get(n)) if cfg.bias else (lambda n: None)
+    eps = 1e-5
+
+    def ln(x, prefix):
+        return layer_norm(x, params[prefix + ".weight"], bias(prefix + ".bias"), eps, true_size=cfg.n_embd)
+
+    def lin(x, prefix, out):
+        return linear(x, params[prefix + ".weight"], bias(prefix + ".bias"), out)
+
+    def drop(x, site):
+        return dropout(x, p, seed=seed, site=site, train=train)
+
+    idx = plan.place(idx, "tokens")
+    x = constrain(embedding(idx, params["wte"]), resid)
+    x = drop(x + take_rows(params["wpe"], T), 0)
+    for l in range(cfg.n_layer):
+        pre = f"h.{l}."
+        h = ln(x, pre + "ln_1")
+        q, k, v = (lin(h, pre + f"attn.{n}", inner) for n in ("q", "k", "v"))
+        y = causal_attention(q, k, v, sz.head_dim, dropout_p=p, seed=seed, site=4 * l + 1, train=train)
+        x = x + drop(lin(y, pre + "attn.proj", resid), 4 * l + 2)
+        h = F.gelu(lin(ln(x, pre + "ln_2"), pre + "mlp.fc", inner))
+        x = x + drop(lin(h, pre + "mlp.proj", resid), 4 * l + 3)
+    x = ln(x, "ln_f")
+    return linear(x, params["lm_head.weight"], None, act.get("logits"))
+
+
+def loss_fn(params: dict[str, torch.Tensor], idx: torch.Tensor, targets: torch.Tensor, cfg: GPTConfig,
+            plan: Plan | None = None, *, train: bool = False, seed: int = 0, ignore_index: int = -1) -> torch.Tensor:
+    """Mean next-token cross-entropy over targets != ``ignore_index``; a plain scalar on every rank.
+
+    The sharded path never materialises full logits (vocab-parallel cross-entropy).
+    """
+    plan = _plan_or_dense(plan)
+    logits = forward(params, idx, cfg, plan, train=train, seed=seed)
+    if isinstance(logits, ShardedTensor):
+        targets = plan.place(targets, "targets")
+    loss = cross_entropy(logits, targets, ignore_index=ignore_index, vocab_size=cfg.vocab_size)
+    return unshard(loss) if isinstance(loss, ShardedTensor) else loss
+
+
+@torch.no_grad()
+def generate(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: GPTConfig, plan: Plan | None = None,
+             max_new_tokens: int = 16, *, temperature: float = 1.0, top_k: int | None = None,
+             seed: int = 0) -> torch.Tensor:
+    """Sample ``max_new_tokens`` continuations of ``idx [B, T]`` (global, the same on every rank).
+
+    Sampling uses a generator seeded with ``seed``, so every rank draws the same tokens.
+    ``temperature=0`` picks the argmax. Returns ``[B, T + max_new_tokens]`` (plain, on every rank).
+    """
+    plan = _plan_or_dense(plan)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(max_new_tokens):
+        ctx = idx[:, -cfg.block_size:]
+        logits = forward(params, ctx, cfg, plan)
+        logits = unshard(logits) if isinstance(logits, ShardedTensor) else logits
+        last = logits[:, -1, :cfg.vocab_size].double()
+        if temperature == 0.0:
+            nxt = last.argmax(-1, keepdim=True)
+        else:
+            last = last / temperature
+            if top_k is not None:
+                kth = torch.topk(last, min(top_k, last.shape[-1])).values[:, -1:]
+                last = last.masked_fill(last < kth, float("-inf"))
+            nxt = torch.multinomial(last.softmax(-1), 1, generator=g)
+        idx = torch.cat([idx, nxt.to(idx.dtype)], dim=1)
+    return idx
+
+
+class GPT(nn.Module):
+    """The functional GPT's parameters as ``nn.Parameter``s (ShardedTensors under a plan), for
+    ``torch.optim`` and the training engine. ``named_parameters()`` yields the GPT names."""
+
+    def __init__(self, cfg: GPTConfig, plan: Plan | None = None, params: dict[str, torch.Tensor] | None = None,
+                 *, seed: int = 0, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg = cfg
+        self.plan = _plan_or_dense(plan)
+        dense = params if params is not None else init_params(cfg, seed, dtype)
+        self._names = list(dense)
+        for name, t in shard_params(dense, cfg, self.plan).items():
+            *path, leaf = name.split(".")
+            mod = self
+            for part in path:
+                if not hasattr(mod, part):
+                    mod.add_module(part, nn.Module())
+                mod = getattr(mod, part)
+            mod.register_parameter(leaf, nn.Parameter(t.detach().clone() if not isinstance(t, ShardedTensor) else t,
+                                                      requires_grad=True))
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """Name -> parameter, the dict :func:`forward` takes."""
+        return dict(self.named_parameters())
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, train: bool | None = None,
+                seed: int = 0):
+        """Logits, or the loss when ``targets`` is given. ``train`` defaults to ``self.training``."""
+        train = self.training if train is None else train
+        if targets is None:
+            return forward(self.params(), idx, self.cfg, self.plan, train=train, seed=seed)
+        return loss_fn(self.params(), idx, targets, self.cfg, self.plan, train=train, seed=seed)
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kw) -> torch.Tensor:
+        return generate(self.params(), idx, self.cfg, self.plan, max_new_tokens, **kw)

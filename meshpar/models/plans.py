@@ -1,0 +1,237 @@
+"""Parallelism plans for the functional GPT: a mode is a table of specs, nothing else.
+
+A :class:`Plan` assigns a :class:`~meshpar.P` to every parameter (by its *role*) and to the
+activations, and says to which multiples the vocabulary, hidden, head and MLP sizes are padded
+so every sharded dimension divides. The model code (:mod:`meshpar.models.gpt`) is the same in
+every mode; the dispatcher reads the specs and runs the matching algorithm.
+
+Roles and layouts (``B`` = the batch axes: ``"data"`` first when the mesh has it):
+
+==========  =======================  ======================  =========================  ==========================
+role        1d (tp)                  2d (x,y) / 2.5d (d,x,y)  3d (i,j,k)                 dense
+==========  =======================  ======================  =========================  ==========================
+tokens      P(B)                     P(B)  B=(..,[d],x)       P(B)  B=(..,i,j)            —
+resid       P(B, None, None)         P(B, None, "y")          P(B, None, "k")             —
+inner       P(B, None, "tp")         P(B, None, "y")          P(B', None, "j") B'=(..,i,k) —
+wte [V,C]   P("tp", None)            P("x", "y")              P(("i","j"), "k")           —
+wpe [T,C]   P()                      P(None, "y")             P(None, "k")                —
+norm [C]    P()                      P("y")                   P("k")                      —
+w_in        P(None, "tp")            P("x", "y")              P("k", ("j","i"))           —
+b_in        P("tp")                  P("y")                   P("j")                      —
+w_out       P("tp", None)            P("x", "y")              P("j", ("k","i"))           —
+b_out       P()                      P("y")                   P("k")                      —
+==========  =======================  ======================  =========================  ==========================
+
+``w_in`` are q/k/v, mlp.fc and the LM head (resid -> inner layout); ``w_out`` are attn.proj and
+mlp.proj (inner -> resid). In 1d the output of a ``w_out`` matmul is a partial sum over "tp",
+reduced by the ``resid`` constraint (Megatron's row-parallel all-reduce).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from ..errors import ShardingError
+from ..mesh import Mesh
+from ..sharding.api import shard
+from ..sharding.spec import P
+from ..sharding.tensor import ShardedTensor
+
+MODES = ("dense", "1d", "2d", "2.5d", "3d")
+_TP_AXES = {"1d": ("tp",), "2d": ("x", "y"), "2.5d": ("d", "x", "y"), "3d": ("i", "j", "k")}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Specs for the parameters and activations of one parallel mode.
+
+    Attributes:
+        mode: one of :data:`MODES`.
+        mesh: the mesh (None for "dense").
+        act: activation specs by name: ``tokens`` [B,T], ``resid`` [B,T,C], ``inner`` [B,T,*],
+            ``logits`` [B,T,V], ``targets`` [B,T].
+        roles: parameter specs by role (see the module table).
+        multiples: padding multiples ``{"vocab", "embd", "heads", "ff"}``.
+    """
+
+    mode: str
+    mesh: Mesh | None
+    act: Mapping[str, P] = field(default_factory=dict)
+    roles: Mapping[str, P] = field(default_factory=dict)
+    multiples: Mapping[str, int] = field(default_factory=lambda: {"vocab": 1, "embd": 1, "heads": 1, "ff": 1})
+
+    @property
+    def dense(self) -> bool:
+        return self.mesh is None
+
+    def spec(self, name: str) -> P | None:
+        """The spec of parameter ``name`` (None in dense mode)."""
+        return None if self.dense else self.roles[param_role(name)]
+
+    def place(self, x: torch.Tensor, act: str) -> torch.Tensor:
+        """Lay out a global (replicated) activation/input ``x`` as ``act`` (a free local slice)."""
+        if self.dense or isinstance(x, ShardedTensor):
+            return x
+        return shard(x, self.act[act], self.mesh)
+
+
+def param_role(name: str) -> str:
+    """The role of a GPT parameter name (see the module table)."""
+    last = name.split(".")
+    if name in ("wte", "wpe"):
+        return name
+    if name == "lm_head.weight":
+        return "w_in"
+    if "ln_" in name:
+        return "norm"
+    kind = last[-1]
+    owner = last[-2] if len(last) >= 2 else ""
+    if owner in ("q", "k", "v", "fc"):
+        return "w_in" if kind == "weight" else "b_in"
+    if owner == "proj":
+        return "w_out" if kind == "weight" else "b_out"
+    raise KeyError(f"no plan role for parameter {name!r}")
+
+
+def _batch(mesh: Mesh, *axes: str):
+    lead = ("data",) if "data" in mesh.names else ()
+    full = lead + axes
+    return full if full else None
+
+
+def make_plan(mode: str, mesh: Mesh | None = None) -> Plan:
+    """The plan of ``mode`` on ``mesh``.
+
+    Args:
+        mode: "dense" (no mesh), "1d" (axis "tp"), "2d" ("x","y", square), "2.5d" ("d","x","y",
+            x == y), "3d" ("i","j","k", a cube). A mesh axis "data" adds data parallelism on the batch.
+    Raises:
+        ShardingError: when the mesh lacks the mode's axes, has extra axes, or is not square/cubic.
+    """
+    if mode not in MODES:
+        raise ShardingError(f"unknown parallel mode {mode!r}; choose one of {MODES}")
+    if mode == "dense":
+        if mesh is not None:
+            raise ShardingError("the 'dense' plan takes no mesh (pass mesh=None)")
+        return Plan("dense", None)
+    if mesh is None:
+        raise ShardingError(f"mode {mode!r} needs a mesh with axes {_TP_AXES[mode]} (and optionally 'data')")
+    want = set(_TP_AXES[mode])
+    have = set(mesh.names) - {"data"}
+    if have != want:
+        raise ShardingError(f"mode {mode!r} needs mesh axes {_TP_AXES[mode]} (plus optional 'data'); {mesh} has "
+                            f"{mesh.names}. Build e.g. Mesh(shape, {('data',) + _TP_AXES[mode]})")
+    s = {a: mesh.size(a) for a in mesh.names}
+    if mode == "1d":
+        t = s["tp"]
+        b = _batch(mesh)
+        act = dict(tokens=P(b), resid=P(b, None, None), inner=P(b, None, "tp"), logits=P(b, None, "tp"),
+                   targets=P(b))
+        roles = dict(wte=P("tp", None), wpe=P(), norm=P(), w_in=P(None, "tp"), b_in=P("tp"),
+                     w_out=P("tp", None), b_out=P())
+        mult = dict(vocab=t, embd=t, heads=t, ff=t)
+    elif mode in ("2d", "2.5d"):
+        if s["x"] != s["y"]:
+            raise ShardingError(f"mode {mode!r} needs a square x*y grid; {mesh} has x={s['x']}, y={s['y']}. "
+                                "Use q*q ranks for x and y")
+        q = s["x"]
+        b = _batch(mesh, *(("d", "x") if mode == "2.5d" else ("x",)))
+        act = dict(tokens=P(b), resid=P(b, None, "y"), inner=P(b, None, "y"), logits=P(b, None, "y"), targets=P(b))
+        roles = dict(wte=P("x", "y"), wpe=P(None, "y"), norm=P("y"), w_in=P("x", "y"), b_in=P("y"),
+                     w_out=P("x", "y"), b_out=P("y"))
+        mult = dict(vocab=q, embd=q, heads=q, ff=q)
+    else:
+        if not s["i"] == s["j"] == s["k"]:
+            raise ShardingError(f"mode '3d' needs a cube i=j=k; {mesh} has i={s['i']}, j={s['j']}, k={s['k']}")
+        q = s["i"]
+        ba, bb = _batch(mesh, "i", "j"), _batch(mesh, "i", "k")
+        act = dict(tokens=P(ba), resid=P(ba, None, "k"), inner=P(bb, None, "j"), logits=P(bb, None, "j"),
+                   targets=P(bb))
+        roles = dict(wte=P(("i", "j"), "k"), wpe=P(None, "k"), norm=P("k"), w_in=P("k", ("j", "i")), b_in=P("j"),
+                     w_out=P("j", ("k", "i")), b_out=P("k"))
+        mult = dict(vocab=q * q, embd=q * q, heads=q, ff=q * q)
+    return Plan(mode, mesh, act, roles, mult)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Padded model sizes under a plan (equal to the config's in dense mode)."""
+    vocab: int
+    n_embd: int
+    n_head: int
+    d_ff: int
+    head_dim: int
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def padded_sizes(cfg, plan: Plan) -> Sizes:
+    """Sizes after padding: extra all-zero heads (so heads and hidden divide), vocab rows, MLP columns.
+
+    Zero padding is exact: padded heads, columns and rows stay zero and get zero gradients.
+    """
+    if cfg.n_embd % cfg.n_head:
+        raise ShardingError(f"n_embd {cfg.n_embd} must be a multiple of n_head {cfg.n_head}")
+    hd = cfg.n_embd // cfg.n_head
+    m = plan.multiples
+    n_head = cfg.n_head
+    while n_head % m["heads"] or (n_head * hd) % m["embd"]:
+        n_head += 1
+    return Sizes(vocab=_round_up(cfg.vocab_size, m["vocab"]), n_embd=n_head * hd, n_head=n_head,
+                 d_ff=_round_up(4 * cfg.n_embd, m["ff"]), head_dim=hd)
+
+
+def param_dims(name: str) -> tuple[str, ...]:
+    """Logical dims of a GPT parameter: "V" vocab, "C" hidden, "F" MLP hidden, "T" positions."""
+    if name == "wte":
+        return ("V", "C")
+    if name == "wpe":
+        return ("T", "C")
+    if name == "lm_head.weight":
+        return ("C", "V")
+    parts = name.split(".")
+    kind, owner = parts[-1], parts[-2]
+    if "ln_" in owner:
+        return ("C",)
+    if owner == "fc":
+        return ("C", "F") if kind == "weight" else ("F",)
+    if owner == "proj" and parts[-3] == "mlp":
+        return ("F", "C") if kind == "weight" else ("C",)
+    return ("C", "C") if kind == "weight" else ("C",)
+
+
+def _pad(t: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    if tuple(t.shape) == sizes:
+        return t
+    out = t.new_zeros(sizes)
+    out[tuple(slice(0, n) for n in t.shape)] = t
+    return out
+
+
+def _sizes_of(name: str, shape, sz: Sizes) -> tuple[int, ...]:
+    table = {"V": sz.vocab, "C": sz.n_embd, "F": sz.d_ff}
+    return tuple(table.get(d, n) for d, n in zip(param_dims(name), shape))
+
+
+def shard_params(params: Mapping[str, torch.Tensor], cfg, plan: Plan) -> dict[str, torch.Tensor]:
+    """Pad the dense ``params`` to the plan's sizes and shard each by its role's spec (no communication).
+
+    Returns plain tensors (the originals) in dense mode.
+    """
+    if plan.dense:
+        return dict(params)
+    sz = padded_sizes(cfg, plan)
+    out = {}
+    for name, t in params.items():
+        out[name] = shard(_pad(t.detach(), _sizes_of(name, t.shape, sz)), plan.spec(name), plan.mesh)
+    return out
+
+
+def unpad(name: str, t: torch.Tensor, cfg) -> torch.Tensor:
+    """The real (unpadded) part of a global parameter or gradient ``t`` of parameter ``name``."""
+    table = {"V": cfg.vocab_size, "C": cfg.n_embd, "F": 4 * cfg.n_embd}
+    return t[tuple(slice(0, table.get(d, n)) for d, n in zip(param_dims(name), t.shape))]
