@@ -1,6 +1,25 @@
-"""meshpar: JAX-style sharding on PyTorch."""
+"""meshpar: JAX-style sharding on PyTorch.
+
+>>> mesh = meshpar.Mesh((2, 2), ("x", "y"))
+>>> x = meshpar.shard(torch.randn(8, 6), P("x", "y"), mesh)
+"""
 from .errors import ShardingError, CollectiveTimeout
 from .mesh import Mesh, CommCounter, current_mesh
 from . import mesh
+from .sharding import P, ShardedTensor, shard, from_local, unshard, reshard, shard_map
+from . import ops  # registers the op rules
 
-__all__ = ["ShardingError", "CollectiveTimeout", "Mesh", "CommCounter", "current_mesh", "mesh"]
+__all__ = ["ShardingError", "CollectiveTimeout", "Mesh", "CommCounter", "current_mesh", "mesh",
+           "P", "ShardedTensor", "shard", "from_local", "unshard", "reshard", "shard_map", "ops"]
+
+
+def __getattr__(name):
+    # subpackages owned by later layers load on first use (meshpar.nn, meshpar.optim, ...)
+    import importlib
+    if name in {"nn", "optim", "pipeline", "memory", "train", "models", "testing"}:
+        return importlib.import_module(f".{name}", __name__)
+    if name in {"launch", "launch_from_torch", "launch_from_slurm", "initialize", "Trainer", "Engine"}:
+        return getattr(importlib.import_module(".train", __name__), name)
+    if name == "memory_report":
+        return importlib.import_module(".memory", __name__).memory_report
+    raise AttributeError(f"module 'meshpar' has no attribute {name!r}")

@@ -1,0 +1,188 @@
+"""Elementwise ops with broadcasting: unary, binary, activations, casts.
+
+Output spec: each output dimension takes the axes of the operands that split it (they must
+agree, or be a prefix of one another). A replicated operand is sliced for free where the
+output is split; where it broadcasts over a split dimension it *varies* and its gradient is
+summed. Unreduced operands stay unreduced through linear ops (``a+b`` with equal unreduced
+axes, ``-a``, ``a*c``/``a/c`` with ``c`` not unreduced) and are reduced first otherwise.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ShardingError
+from ..sharding.core import local_in, reduce_unreduced, wrap
+from ..sharding.dispatch import register
+from ..sharding.spec import P
+from ..sharding.tensor import ShardedTensor
+from ._util import common_mesh, gshape
+
+T = torch.Tensor
+
+_ADD = [torch.add, T.add, T.__add__, T.__radd__, torch.sub, T.sub, T.__sub__, T.__rsub__, torch.subtract, T.subtract]
+_MUL = [torch.mul, T.mul, T.__mul__, T.__rmul__, torch.multiply, T.multiply]
+_DIV = [torch.div, T.div, T.__truediv__, torch.true_divide, T.true_divide, torch.divide, T.divide]
+_NEG = [torch.neg, T.neg, T.__neg__, torch.negative, T.negative, T.__pos__]
+_OTHER_BINARY = [T.__rtruediv__, torch.pow, T.pow, T.__pow__, T.__rpow__, torch.maximum, T.maximum,
+                 torch.minimum, T.minimum, torch.eq, T.eq, T.__eq__, torch.ne, T.ne, T.__ne__, torch.lt, T.lt,
+                 T.__lt__, torch.le, T.le, T.__le__, torch.gt, T.gt, T.__gt__, torch.ge, T.ge, T.__ge__,
+                 torch.where, T.where, torch.atan2, torch.fmod, T.fmod, torch.remainder, T.remainder,
+                 T.__mod__, torch.logical_and, T.logical_and, torch.logical_or, T.logical_or, T.__and__, T.__or__,
+                 T.__xor__, torch.addcmul, T.addcmul, torch.addcdiv, T.addcdiv, torch.lerp, T.lerp,
+                 torch.clamp, T.clamp, torch.clip, T.clip, torch.masked_fill, T.masked_fill, T.type_as,
+                 torch.floor_divide, T.floor_divide, T.__floordiv__, torch.hypot, torch.xlogy]
+_UNARY = [torch.exp, T.exp, torch.log, T.log, torch.log1p, T.log1p, torch.expm1, T.expm1, torch.sqrt, T.sqrt,
+          torch.rsqrt, T.rsqrt, torch.abs, T.abs, T.__abs__, torch.sin, T.sin, torch.cos, T.cos, torch.tanh,
+          T.tanh, torch.sigmoid, T.sigmoid, torch.square, T.square, torch.reciprocal, T.reciprocal, torch.sign,
+          T.sign, torch.erf, T.erf, torch.floor, T.floor, torch.ceil, T.ceil, torch.round, T.round, torch.isnan,
+          T.isnan, torch.isinf, T.isinf, torch.isfinite, T.isfinite, torch.logical_not, T.logical_not,
+          T.__invert__, torch.nan_to_num, T.nan_to_num, torch.exp2, torch.log2, T.log2, torch.trunc,
+          F.relu, torch.relu, T.relu, F.gelu, F.silu, F.tanh, F.sigmoid, F.softplus, F.leaky_relu, F.elu,
+          F.mish, F.hardtanh, F.relu6, F.logsigmoid, F.selu, F.celu, torch.nn.functional.hardswish,
+          T.float, T.double, T.half, T.bfloat16, T.to, T.contiguous, T.clone, torch.clone, T.detach,
+          torch.detach, T.conj, torch.conj, T.type, T.int, T.long, T.bool, T.cpu, T.cuda, T.zero_,
+          torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
+          torch.randn_like, T.new_zeros, T.new_ones, T.new_empty, T.new_full, T.pin_memory]
+_INPLACE = [T.add_, T.sub_, T.mul_, T.div_, T.__iadd__, T.__isub__, T.__imul__, T.__itruediv__, T.addcmul_,
+            T.addcdiv_, T.lerp_, T.copy_, T.clamp_, T.sqrt_, T.exp_, T.neg_, T.pow_, T.fill_, T.zero_,
+            T.masked_fill_, T.abs_, T.relu_, T.uniform_, T.normal_, T.requires_grad_]
+
+_NEW_SHAPE = {T.new_zeros, T.new_ones, T.new_empty, T.new_full}
+_LIKE_FACTORY = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
+                 torch.randn_like}
+
+
+def _out_axes(tensors, out_ndim: int) -> list[tuple[str, ...]]:
+    out = [()] * out_ndim
+    for t in tensors:
+        if not isinstance(t, ShardedTensor):
+            continue
+        shp = t._gshape
+        off = out_ndim - len(shp)
+        for d in range(len(shp)):
+            ax = t.spec.axes_of(d)
+            if not ax:
+                continue
+            cur = out[off + d]
+            if not cur or cur[: len(ax)] == ax:
+                out[off + d] = cur if len(cur) >= len(ax) else ax
+            elif ax[: len(cur)] == cur:
+                out[off + d] = ax
+            else:
+                raise ShardingError(f"operands split output dim {off + d} differently ({cur} vs {ax}); "
+                                    "reshard one of them to match the other")
+    seen = {}
+    for d, ax in enumerate(out):
+        for a in ax:
+            if a in seen and seen[a] != d:
+                raise ShardingError(f"mesh axis {a!r} splits dim {seen[a]} of one operand and dim {d} of another; "
+                                    "reshard one of them")
+            seen[a] = d
+    return out
+
+
+def elementwise(func, args: tuple, kwargs: dict, *, linear: str = "no"):
+    """Run ``func`` blockwise. ``linear``: "add" (sum of operands), "scale" (linear in one operand), "no"."""
+    tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+    sts = [t for t in tensors if isinstance(t, ShardedTensor)]
+    mesh = common_mesh(sts)
+    unreds = [t.spec.unreduced for t in sts]
+    keep: tuple[str, ...] = ()
+    if any(unreds):
+        ok = False
+        if linear == "add":
+            ok = all(u == unreds[0] for u in unreds) and len(sts) == len(tensors)
+        elif linear == "scale":
+            ok = sum(1 for u in unreds if u) == 1 and (isinstance(args[0], ShardedTensor) and args[0].spec.unreduced
+                                                        or func not in _DIV)
+        if ok:
+            keep = next(u for u in unreds if u)
+        else:
+            args = tuple(reduce_unreduced(a) if isinstance(a, ShardedTensor) else a for a in args)
+            kwargs = {k: reduce_unreduced(v) if isinstance(v, ShardedTensor) else v for k, v in kwargs.items()}
+            tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+    shapes = [tuple(gshape(t)) for t in tensors]
+    out_shape = torch.broadcast_shapes(*shapes) if shapes else torch.Size()
+    out_spec = P.from_axes(_out_axes(tensors, len(out_shape)), unreduced=keep)
+    nd = len(out_shape)
+    largs = tuple(local_in(a, out_spec, nd, mesh) for a in args)
+    lkw = {k: local_in(v, out_spec, nd, mesh) for k, v in kwargs.items()}
+    out = func(*largs, **lkw)
+    return wrap(out, out_spec, mesh, out_shape)
+
+
+@register(*_ADD)
+def _add(func, args, kwargs):
+    return elementwise(func, args, kwargs, linear="add")
+
+
+@register(*_MUL, *_DIV)
+def _mul(func, args, kwargs):
+    return elementwise(func, args, kwargs, linear="scale")
+
+
+@register(*_NEG)
+def _neg(func, args, kwargs):
+    return elementwise(func, args, kwargs, linear="add")
+
+
+@register(*_OTHER_BINARY)
+def _binary(func, args, kwargs):
+    return elementwise(func, args, kwargs)
+
+
+@register(*_UNARY)
+def _unary(func, args, kwargs):
+    x = args[0]
+    if not isinstance(x, ShardedTensor):
+        return elementwise(func, args, kwargs)
+    if func in _NEW_SHAPE:
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(x._local, *args[1:], **kwargs)
+    if func in _LIKE_FACTORY:
+        from ..sharding.tensor import ShardedTensor as ST
+        rg = kwargs.pop("requires_grad", False)
+        out = ST(func(x._local, *args[1:], **kwargs), x.spec.reduced(), x.mesh, x._gshape)
+        return out.requires_grad_(rg) if rg else out
+    linear = "add" if func in (T.float, T.double, T.half, T.bfloat16, T.to, T.contiguous, T.clone, torch.clone,
+                              T.detach, torch.detach, T.type, T.cpu, T.cuda) else "no"
+    if func in (T.detach, torch.detach):
+        return ShardedTensor(x._local.detach(), x.spec, x.mesh, x._gshape)
+    return elementwise(func, args, kwargs, linear=linear)
+
+
+@register(*_INPLACE)
+def _inplace(func, args, kwargs):
+    target = args[0]
+    if not isinstance(target, ShardedTensor):
+        raise ShardingError(f"in-place {func.__name__} writes into a plain tensor from a ShardedTensor; "
+                            "use meshpar.unshard first")
+    if func is T.requires_grad_:
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+    if torch.is_grad_enabled() and (target.requires_grad or any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args[1:])):
+        raise ShardingError(f"in-place {func.__name__} on a ShardedTensor that takes part in autograd; "
+                            "use the out-of-place form (x = x + y)")
+    if target.spec.unreduced and func not in (T.zero_, T.copy_, T.mul_, T.div_, T.__imul__, T.__itruediv__,
+                                              T.add_, T.sub_, T.__iadd__, T.__isub__):
+        raise ShardingError(f"in-place {func.__name__} on an unreduced tensor {target.spec} is not linear; "
+                            "reduce it first (meshpar.reshard)")
+    mesh = target.mesh
+    nd = len(target._gshape)
+    others = []
+    for a in list(args[1:]):
+        if isinstance(a, ShardedTensor):
+            if a.mesh != mesh:
+                raise ShardingError("in-place op across meshes")
+            if a.spec.unreduced != target.spec.unreduced and func not in (T.copy_,):
+                a = reduce_unreduced(a)
+            if func is T.copy_ and a.spec != target.spec:
+                from ..sharding.api import reshard
+                a = reshard(a, target.spec)
+        others.append(local_in(a, target.spec.reduced(), nd, mesh) if isinstance(a, torch.Tensor) else a)
+    kw = {k: (local_in(v, target.spec.reduced(), nd, mesh) if isinstance(v, torch.Tensor) else v)
+          for k, v in kwargs.items()}
+    func(target._local, *others, **kw)
+    return target

@@ -1,0 +1,91 @@
+"""The user-facing layout functions: shard, from_local, unshard, reshard."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import ShardingError
+from ..mesh import Mesh, current_mesh
+from .core import enter, slice_block, wrap
+from .layout import block_slices, local_shape, validate
+from .reshard import plan, run_steps
+from .spec import P
+from .tensor import ShardedTensor
+
+
+def _as_spec(spec) -> P:
+    if isinstance(spec, P):
+        return spec
+    if isinstance(spec, (tuple, list)):
+        return P(*spec)
+    if spec is None:
+        return P()
+    raise ShardingError(f"expected a partition spec P(...), got {spec!r}")
+
+
+def shard(x: torch.Tensor, spec: P, mesh: Mesh | None = None) -> ShardedTensor:
+    """Lay out the global tensor ``x`` by ``spec``: every rank keeps its block.
+
+    No communication when every rank holds the same ``x``. A ShardedTensor input is resharded.
+    Gradients flow back to ``x`` (as the full gradient on every rank).
+    """
+    spec = _as_spec(spec)
+    if isinstance(x, ShardedTensor):
+        return reshard(x, spec)
+    mesh = current_mesh(mesh)
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(x)
+    validate(x.shape, spec, mesh, "shard")
+    if spec.unreduced:
+        raise ShardingError("shard() takes a global value; an unreduced spec is not a layout of one "
+                            "(use from_local for partial sums)")
+    if torch.is_grad_enabled() and x.requires_grad:
+        loc = x
+        for d in range(x.ndim):
+            loc = slice_block(loc, mesh, spec.axes_of(d), d)
+        return wrap(loc, spec, mesh, x.shape)
+    loc = x[block_slices(x.shape, spec, mesh)]
+    if loc.numel() != x.numel() or not loc.is_contiguous():
+        loc = loc.clone(memory_format=torch.contiguous_format)
+    return ShardedTensor(loc, spec, mesh, x.shape)
+
+
+def from_local(block: torch.Tensor, spec: P, mesh: Mesh | None = None,
+               shape: Sequence[int] | None = None) -> ShardedTensor:
+    """View this rank's ``block`` as part of a global tensor laid out by ``spec``.
+
+    The global shape is ``block.shape`` times the axis sizes unless ``shape`` is given.
+    """
+    spec = _as_spec(spec)
+    mesh = current_mesh(mesh)
+    if len(spec) > block.ndim:
+        raise ShardingError(f"from_local: spec {spec} has more entries than the block has dims ({block.ndim})")
+    gshape = tuple(s * (mesh.size(spec.axes_of(d)) if spec.axes_of(d) else 1) for d, s in enumerate(block.shape))
+    if shape is not None:
+        if tuple(local_shape(shape, spec, mesh)) != tuple(block.shape):
+            raise ShardingError(f"from_local: block shape {tuple(block.shape)} is not the block of global shape "
+                                f"{tuple(shape)} under {spec} (expected {local_shape(shape, spec, mesh)})")
+        gshape = tuple(shape)
+    validate(gshape, spec, mesh, "from_local")
+    return wrap(block, spec, mesh, gshape)
+
+
+def reshard(x: ShardedTensor, spec: P) -> ShardedTensor:
+    """Change ``x``'s layout to ``spec`` with the cheapest collectives (see :mod:`.reshard`)."""
+    spec = _as_spec(spec)
+    if not isinstance(x, ShardedTensor):
+        return shard(x, spec)
+    validate(x._gshape, spec, x.mesh, "reshard")
+    if spec == x.spec:
+        return x
+    steps = plan(x.spec, spec, len(x._gshape))
+    loc = run_steps(enter(x), steps, x.mesh, differentiable=True)
+    return wrap(loc, spec, x.mesh, x._gshape)
+
+
+def unshard(x) -> torch.Tensor:
+    """The global tensor, on every rank (a plain tensor, connected to autograd)."""
+    if not isinstance(x, ShardedTensor):
+        return x
+    return enter(reshard(x, P()))
