@@ -13,8 +13,11 @@ def test_full_example_config():
                                          sequence=dict(size=1, mode="ring")),
                            zero=dict(stage=1), precision="bf16", gradient_accumulation=2, clip_grad_norm=1.0),
                       world_size=8)
-    assert cfg.parallel.mesh_names == ("pipe", "data", "x", "y", "sp")
-    assert cfg.parallel.mesh_shape == (1, 2, 2, 2, 1)
+    assert cfg.parallel.mesh_names == ("data", "x", "y")
+    assert cfg.parallel.mesh_shape == (2, 2, 2)
+    full = load_config(dict(parallel=dict(data=1, pipeline=2, tensor=dict(size=2, mode="1d"), sequence=2)),
+                       world_size=8)
+    assert full.parallel.mesh_names == ("pipe", "data", "tp", "sp") and full.parallel.mesh_shape == (2, 1, 2, 2)
     assert cfg.zero_stage == 1 and cfg.precision == "bf16" and cfg.gradient_accumulation == 2
     assert cfg.clip_grad_norm == 1.0
 
@@ -24,8 +27,8 @@ def test_full_example_config():
     ("2.5d", 8, 2, ("d", "x", "y"), (2, 2, 2)), ("3d", 8, 1, ("i", "j", "k"), (2, 2, 2))])
 def test_mesh_axes_per_mode(mode, size, depth, names, shape):
     cfg = load_config(dict(parallel=dict(tensor=dict(size=size, mode=mode, depth=depth))), world_size=size)
-    assert cfg.parallel.mesh_names == ("pipe", "data") + names + ("sp",)
-    assert cfg.parallel.mesh_shape == (1, 1) + shape + (1,)
+    assert cfg.parallel.mesh_names == ("data",) + names
+    assert cfg.parallel.mesh_shape == (1,) + shape
 
 
 def test_2d_not_square():

@@ -66,13 +66,23 @@ class Parallel:
         return tuple(name for name, _ in self.axes())
 
     def axes(self) -> list[tuple[str, int]]:
-        """``[(axis name, size), ...]``: "pipe", "data", the tensor axes of the mode, "sp"."""
-        out = [("pipe", self.pipeline), ("data", self.data)]
+        """``[(axis name, size), ...]``: "pipe" (when pipeline > 1), "data" (always), the tensor axes
+        of the mode (when a mode is set), "sp" (when sequence > 1).
+
+        Size-1 pipe/sp axes are left out so that a model plan sees exactly its mode's axes."""
+        out = [("pipe", self.pipeline)] if self.pipeline > 1 else []
+        out.append(("data", self.data))
         if self.tensor_mode is not None:
             out += list(zip(TENSOR_AXES[self.tensor_mode], tensor_axis_sizes(self.tensor_mode, self.tensor_size,
                                                                              self.tensor_depth)))
-        out.append(("sp", self.sequence_size))
+        if self.sequence_size > 1:
+            out.append(("sp", self.sequence_size))
         return out
+
+    @property
+    def mode(self) -> str:
+        """The model plan's mode: "dense" without tensor parallelism, else the tensor mode."""
+        return self.tensor_mode or "dense"
 
     @property
     def world_size(self) -> int:

@@ -79,6 +79,8 @@ def get_dataloader(dataset: Dataset, batch_size: int, mesh: Mesh | None = None, 
     else:
         n, r = 1, 0
     sampler = ShardedSampler(dataset, n, r, shuffle=shuffle, seed=seed, batch_size=batch_size)
+    # an own generator: creating an iterator must not draw from the global RNG (exact resume)
+    kw.setdefault("generator", torch.Generator().manual_seed(seed))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers, **kw)
 
 
