@@ -28,29 +28,38 @@ def _rand(g, *shape):
 
 
 # ----------------------------------------------------------------------------- SUMMA 2D / 2.5D
-def _summa_case(mesh, seed: int, b: int, s: int, h: int, n: int, batch: tuple[str, ...]):
+def _summa_case(mesh, seed: int, b: int, s: int, h: int, n: int, batch: tuple[str, ...], defer: tuple[str, ...]):
     g = torch.Generator().manual_seed(seed)
     X, W, Bi = _rand(g, b, s, h), _rand(g, h, n), _rand(g, n)
     Y = X @ W + Bi
     GY = _rand(g, *Y.shape)
     xs = P(batch, None, "y")
     x, w, bias = _leaf(X, xs, mesh), _leaf(W, P("x", "y"), mesh), _leaf(Bi, P("y"), mesh)
+    if defer:  # a data-parallel weight: its gradient stays unreduced over the data axis
+        w._meshpar_defer_reduce = defer
     with CommCounter() as c:
         xw = x @ w
     y = xw + bias
     y.backward(shard(GY, y.spec, mesh))
-    errs = [_rel(y, Y), _rel(x.grad, GY @ W.T), _rel(w.grad, torch.einsum("bsh,bsn->hn", X, GY)),
+    wgrad = w.grad
+    wspec = repr(wgrad.spec)
+    if defer:
+        from meshpar.sharding.core import reduce_unreduced
+        wgrad = reduce_unreduced(wgrad)
+    errs = [_rel(y, Y), _rel(x.grad, GY @ W.T), _rel(wgrad, torch.einsum("bsh,bsn->hn", X, GY)),
             _rel(bias.grad, GY.sum((0, 1)))]
-    return repr(xw.spec), repr(y.spec), errs, dict(c.bytes), x._local.numel() * 8, w._local.numel() * 8
+    return repr(xw.spec), repr(y.spec), errs, dict(c.bytes), x._local.numel() * 8, w._local.numel() * 8, wspec
 
 
 @given(st.integers(0, 2**16), st.integers(1, 2), st.integers(1, 2), st.integers(1, 3), st.integers(1, 3),
-       st.sampled_from([((2, 2), ("x", "y"), ("x",)), ((2, 2, 2), ("d", "x", "y"), ("d", "x")),
-                        ((2, 2, 2), ("x", "y", "data"), ("x", "data"))]))
+       st.sampled_from([((2, 2), ("x", "y"), ("x",), ()), ((2, 2, 2), ("d", "x", "y"), ("d", "x"), ()),
+                        ((2, 2, 2), ("d", "x", "y"), ("x", "d"), ("d",))]))
 def test_summa_2d_and_25d(pool, seed, b, s, h, n, case):
-    shape, names, batch = case
-    out = pool.run(_summa_case, shape, names, seed, b * 2 * (len(batch)), s, 2 * h, 2 * n, batch)
-    for xw_spec, y_spec, errs, nbytes, xb, wb in out:
+    """2D; 2.5D (depth d major, dW all-reduced over d); data×2D (data minor, dW left unreduced over data)."""
+    shape, names, batch, defer = case
+    out = pool.run(_summa_case, shape, names, seed, b * 2 * (len(batch)), s, 2 * h, 2 * n, batch, defer)
+    for xw_spec, y_spec, errs, nbytes, xb, wb, wspec in out:
+        assert wspec == repr(P("x", "y", unreduced=defer))
         assert xw_spec == y_spec == repr(P(batch, None, "y"))
         assert max(errs) < 1e-12, errs
         assert nbytes == {("y",): xb, ("x",): wb}  # (q-1)/q of the row's X panels and column's W panels, q=2
@@ -74,15 +83,16 @@ def test_summa_plain_2d_operands(pool, seed, m, k, n):
 
 
 # ----------------------------------------------------------------------------- 3D, two layers
-def _cube_case(mesh, seed: int, b: int, s: int, h: int, f: int, pre: tuple[str, ...]):
+def _cube_case(mesh, seed: int, b: int, s: int, h: int, f: int, pre: tuple[str, ...], roles: tuple[str, str, str]):
+    i, j, k = roles
     g = torch.Generator().manual_seed(seed)
     X, W1, B1, W2 = _rand(g, b, s, h), _rand(g, h, f), _rand(g, f), _rand(g, f, h)
     H = X @ W1 + B1
     Z = H @ W2
     GZ = _rand(g, *Z.shape)
-    x = _leaf(X, P(pre + ("i", "j"), None, "k"), mesh)
-    w1, b1 = _leaf(W1, P("k", ("j", "i")), mesh), _leaf(B1, P("j"), mesh)
-    w2 = _leaf(W2, P("j", ("k", "i")), mesh)
+    x = _leaf(X, P(pre + (i, j), None, k), mesh)
+    w1, b1 = _leaf(W1, P(k, (j, i)), mesh), _leaf(B1, P(j), mesh)
+    w2 = _leaf(W2, P(j, (k, i)), mesh)
     with CommCounter() as c:
         xw = x @ w1
     hh = xw + b1
@@ -97,18 +107,20 @@ def _cube_case(mesh, seed: int, b: int, s: int, h: int, f: int, pre: tuple[str, 
 
 
 @given(st.integers(0, 2**16), st.integers(1, 2), st.integers(1, 2), st.integers(1, 2), st.integers(1, 2),
-       st.sampled_from([((2, 2, 2), ("i", "j", "k"), ()), ((2, 1, 2, 2), ("data", "i", "j", "k"), ("data",)),
-                        ((2, 1, 2), ("i", "j", "k"), ())]))
+       st.sampled_from([((2, 2, 2), ("d", "x", "y"), (), ("d", "x", "y")),
+                        ((2, 2, 2), ("d", "x", "y"), (), ("x", "y", "d")),
+                        ((2, 1, 2, 2), ("data", "i", "j", "k"), ("data",), ("i", "j", "k"))]))
 def test_cube_3d_two_layers(pool, seed, b, s, h, f, case):
-    shape, names, pre = case
+    shape, names, pre, roles = case
+    i, j, k = roles
     sz = dict(zip(names, shape))
     q = 8
-    out = pool.run(_cube_case, shape, names, seed, b * q * (2 if pre else 1), s, h * q, f * q, pre)
+    out = pool.run(_cube_case, shape, names, seed, b * q * (2 if pre else 1), s, h * q, f * q, pre, roles)
     for xw_spec, z_spec, errs, nbytes, (xb, wb, yb) in out:
-        assert xw_spec == repr(P(pre + ("i", "k"), None, "j"))
-        assert z_spec == repr(P(pre + ("i", "j"), None, "k"))  # back to the input layout, no swap
+        assert xw_spec == repr(P(pre + (i, k), None, j))
+        assert z_spec == repr(P(pre + (i, j), None, k))  # back to the input layout, no swap
         assert max(errs) < 1e-12, errs
-        expect = {("j",): (sz["j"] - 1) * xb, ("i",): (sz["i"] - 1) * wb, ("k",): (sz["k"] - 1) * yb}
+        expect = {(j,): (sz[j] - 1) * xb, (i,): (sz[i] - 1) * wb, (k,): (sz[k] - 1) * yb}
         assert nbytes == {k: v for k, v in expect.items() if v}
 
 
@@ -134,7 +146,7 @@ def _batched_case(mesh, seed: int, b: int, heads: int, s: int, d: int, bspec: tu
 
 @given(st.integers(0, 2**16), st.integers(1, 2), st.integers(1, 2), st.integers(1, 3), st.integers(1, 3),
        st.sampled_from([((2, 2), ("x", "y"), ("x", "y")), ((2, 2, 2), ("d", "x", "y"), (("d", "x"), "y")),
-                        ((2, 2, 2), ("i", "j", "k"), (("i", "k"), "j"))]))
+                        ((2, 2, 2), ("d", "x", "y"), (("d", "y"), "x"))]))
 def test_batched_attention_layouts(pool, seed, b, heads, s, d, case):
     shape, names, bspec = case
     out = pool.run(_batched_case, shape, names, seed, b * 4, heads * 2, s, d, bspec)
@@ -168,7 +180,7 @@ def test_mismatched_specs(pool):
 
 
 def test_3d_weight_does_not_fit(pool):
-    for msg, calls in pool.run(_bad, (2, 2, 2), ("i", "j", "k"), (8, 2, 8), (("i", "j"), None, "k"),
-                               (8, 16), ("k", ("i", "j"))):
+    for msg, calls in pool.run(_bad, (2, 2, 2), ("d", "x", "y"), (8, 2, 8), (("d", "x"), None, "y"),
+                               (8, 16), ("y", ("d", "x"))):
         assert calls == 0
-        assert msg and "3D" in msg and "P('k', ('j', 'i'))" in msg
+        assert msg and "3D" in msg and "P('y', ('x', 'd'))" in msg
