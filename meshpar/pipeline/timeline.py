@@ -55,7 +55,12 @@ def plot_timeline(sched: Schedule, path: str, t_fwd: float = 1.0, t_bwd: float =
     ax.set_yticks(range(p))
     ax.set_yticklabels([f"rank {r}" for r in reversed(range(p))])
     ax.set_xlim(0, tl.makespan)
-    ax.set_xlabel("time (forward = 1, backward = 2)")
+    ax.set_xlabel(f"time (forward = {t_fwd:g}, backward = {t_bwd:g} per chunk)")
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=fwd_cols[c % 4], label=f"forward, chunk {c}") for c in range(sched.chunks)] + \
+              [Patch(color=bwd_cols[c % 4], label=f"backward, chunk {c}") for c in range(sched.chunks)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
     ax.set_title(title or f"{sched.name}: p={p}, m={sched.num_microbatches}, chunks={sched.chunks}, "
                  f"bubble {tl.bubble_fraction:.1%} (theory {sched.theoretical_bubble():.1%})", fontsize=9)
     for s in ("top", "right"):
