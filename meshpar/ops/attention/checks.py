@@ -1,0 +1,56 @@
+"""Input validation for sequence-parallel attention. Everything here runs before any collective."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...errors import ShardingError
+
+SUPPORTED = ("supported: attn_mask=None with is_causal=True or False, dropout_p=0.0, "
+             "enable_gqa=False, q/k/v of shape [B, H, S, D] with equal B, H, D")
+
+
+def check_call(attn_mask: Any = None, dropout_p: float = 0.0, enable_gqa: bool = False) -> None:
+    """Reject SDPA features the sequence-parallel kernels do not implement."""
+    if attn_mask is not None:
+        raise ShardingError("sequence-parallel attention does not support attn_mask (a dense mask would be "
+                            f"sequence-sharded too); use is_causal=True for causal masking. {SUPPORTED}")
+    if dropout_p:
+        raise ShardingError(f"sequence-parallel attention does not support dropout_p={dropout_p}; {SUPPORTED}")
+    if enable_gqa:
+        raise ShardingError("sequence-parallel attention does not support enable_gqa=True; repeat the K/V heads "
+                            f"first (k.repeat_interleave(h_q // h_kv, dim=1)). {SUPPORTED}")
+
+
+def check_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sp: int, causal: bool, balanced: bool,
+                mode: str) -> None:
+    """Validate local blocks ``q [B, H, Sq_loc, D]``, ``k, v [B, H, Sk_loc, D]`` (same on every rank).
+
+    Raises :class:`ShardingError` naming the dimension and the fix.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4:
+            raise ShardingError(f"sequence-parallel attention expects {name} of shape [B, H, S, D] "
+                                f"(sequence on dim 2), got {getattr(t, 'shape', type(t))}")
+    if k.shape != v.shape:
+        raise ShardingError(f"k {tuple(k.shape)} and v {tuple(v.shape)} local blocks differ; they must match")
+    for d, what in ((0, "batch"), (1, "heads"), (3, "head dim")):
+        if q.shape[d] != k.shape[d]:
+            raise ShardingError(f"q and k differ on dim {d} ({what}): {q.shape[d]} vs {k.shape[d]}; {SUPPORTED}")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ShardingError(f"q/k/v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
+                            f"{q.device}/{k.device}/{v.device}")
+    if causal and q.shape[2] != k.shape[2]:
+        raise ShardingError(f"causal sequence-parallel attention needs equal q and k/v sequence blocks (dim 2), "
+                            f"got {q.shape[2]} vs {k.shape[2]}")
+    if balanced:
+        for name, t in (("q", q), ("k", k)):
+            if t.shape[2] % 2:
+                raise ShardingError(
+                    f"balanced layout: the local {name} sequence block (dim 2) holds two equal chunks, but its "
+                    f"length {t.shape[2]} is odd; the global sequence must be a multiple of 2*sp = {2 * sp} "
+                    "(pad it, e.g. meshpar.ops.attention.pad_to_multiple) or use balanced=False")
+    if mode == "all_to_all" and q.shape[1] % sp:
+        raise ShardingError(f"all-to-all (Ulysses) attention splits the heads (dim 1) over the {sp} sequence ranks, "
+                            f"but heads = {q.shape[1]} is not divisible by {sp}; use mode='ring' or change heads")
