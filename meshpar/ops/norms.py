@@ -5,8 +5,8 @@ Layout: ``x`` is ``[..., H]`` with the last dimension split over axes ``A`` (pos
 output has ``x``'s spec.
 
 Algorithm: each rank sums its block of the hidden dimension; the statistics are completed with
-``psum`` over ``A`` (one all-reduce of ``[..., 1]`` for the mean, one for the variance). No
-hidden-sized tensor is communicated. The weight's gradient is summed over the axes that split
+``psum`` over ``A`` (one all-reduce of ``[..., 1]`` for the mean, one for the variance; the
+backward pass has the two matching all-reduces). No hidden-sized tensor is communicated. The weight's gradient is summed over the axes that split
 ``x``'s other dimensions (batch, data, sequence), as any replicated parameter's must be.
 
 Padding: when ``H`` was padded to a multiple of the shard count, pass ``true_size`` (the real
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import ShardingError
 from ..mesh import Mesh
-from ..mesh.autograd import psum
+from ..mesh.autograd import psum, pvary
 from ..sharding.core import enter, reduce_unreduced, wrap
 from ..sharding.dispatch import register
 from ..sharding.layout import block_offsets
@@ -32,8 +32,10 @@ from ..sharding.tensor import ShardedTensor
 
 
 def _stats_sum(t: torch.Tensor, mesh: Mesh | None, axes: tuple[str, ...]) -> torch.Tensor:
+    """Sum over the (split) last dim. The total is replicated over ``axes`` but then scales each rank's
+    own hidden slice, so its gradient there is partial: ``pvary`` sums it in backward."""
     s = t.sum(-1, keepdim=True)
-    return psum(s, mesh, axes) if axes else s
+    return pvary(psum(s, mesh, axes), mesh, axes) if axes else s
 
 
 def layer_norm_local(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
