@@ -15,11 +15,13 @@ process killed mid-save leaves the previous checkpoint as ``latest``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -139,6 +141,14 @@ class _Group:
     def no_dist(self) -> bool:
         return self.size == 1
 
+    @contextlib.contextmanager
+    def quiet(self):
+        """Silence DCP's 'assuming a single process' warning when that is the intent."""
+        with warnings.catch_warnings():
+            if self.no_dist:
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            yield
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier(group=self.pg)
@@ -201,8 +211,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensors: Mapping[str, to
     g.barrier()
     blocks = {k: as_block(v) for k, v in tensors.items()}
     state = {k: b.local for k, b in blocks.items()}
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), planner=_BlockSavePlanner(blocks),
-             process_group=g.pg, no_dist=g.no_dist)
+    with g.quiet():
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), planner=_BlockSavePlanner(blocks),
+                 process_group=g.pg, no_dist=g.no_dist)
     torch.save(dict(extra or {}), tmp / f"extra_rank{rank}.pt")
     if _after_write is not None:
         _after_write()
@@ -241,7 +252,7 @@ def load_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor 
     blocks = {k: as_block(v) for k, v in tensors.items()}
     state = {k: b.local for k, b in blocks.items()}
     g = _group(mesh)
-    with torch.no_grad():
+    with torch.no_grad(), g.quiet():
         dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), planner=_BlockLoadPlanner(blocks),
                  process_group=g.pg, no_dist=g.no_dist)
     rank, world = g.rank, g.size
@@ -261,7 +272,7 @@ def load_full(path: str | os.PathLike, prefix: str = "", mesh: Any = None) -> di
            if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
     blocks = {k: Block(t, tuple(t.shape), (0,) * t.ndim) for k, t in out.items()}
     g = _group(mesh)
-    with torch.no_grad():
+    with torch.no_grad(), g.quiet():
         dcp.load(dict(out), storage_reader=dcp.FileSystemReader(str(path)), planner=_BlockLoadPlanner(blocks),
                  process_group=g.pg, no_dist=g.no_dist)
     return {k[len(prefix):]: v for k, v in out.items()}

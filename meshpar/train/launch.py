@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..mesh import Mesh
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
 
 
 @dataclass
@@ -174,9 +174,12 @@ def context_for(config: str | os.PathLike | Mapping[str, Any] | Config, mesh: Me
     if not dist.is_initialized():
         raise RuntimeError("context_for needs an initialized torch.distributed world; use launch(...)")
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = load_config(config, world_size=None if mesh is not None else world, overrides=overrides)
+    cfg = load_config(config, world_size=mesh.size() if mesh is not None else world, overrides=overrides)
     if mesh is None:
         mesh = Mesh(cfg.parallel.mesh_shape, cfg.parallel.mesh_names)
+    elif (mesh.shape, mesh.names) != (cfg.parallel.mesh_shape, cfg.parallel.mesh_names):
+        raise ConfigError(f"context_for: {mesh} does not match the config's layout "
+                          f"{dict(zip(cfg.parallel.mesh_names, cfg.parallel.mesh_shape))}")
     device = mesh.device
     return Context(mesh=mesh, config=cfg, rank=rank, world_size=world,
                    local_rank=device.index or 0, device=device, logger=make_logger(rank))

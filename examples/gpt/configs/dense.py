@@ -1,0 +1,11 @@
+# Data parallel only (ZeRO stage 1): every process holds the whole model; data size = world size.
+parallel = dict(pipeline=1, tensor=None)
+zero = dict(stage=1)
+precision = "fp32"
+gradient_accumulation = 1
+clip_grad_norm = 1.0
+model = dict(block_size=64, n_layer=2, n_head=4, n_embd=64, dropout=0.0)
+train = dict(batch_size=16, steps=200, warmup=10)
+optimizer = dict(lr=3e-3, weight_decay=0.0)
+checkpoint = dict(every=100)
+log = dict(every=20)

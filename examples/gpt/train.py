@@ -1,0 +1,163 @@
+"""Train a small GPT with meshpar from a config file (the main job).
+
+    meshpar run --nproc-per-node 4 examples/gpt/train.py --config examples/gpt/configs/2d.py
+
+Any config key can be overridden: ``--set train.steps=50 --set model.n_layer=2``.
+Without torchrun (``python examples/gpt/train.py --config ...``) it runs as one process.
+Writes ``<out>/metrics.jsonl``, ``<out>/loss.png``, checkpoints in ``<out>/ckpt`` (resumed
+automatically) and ``<out>/model.safetensors``; prints a generated sample at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import math
+import os
+import socket
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data import decode, load_tokens  # noqa: E402
+
+import meshpar.train as mt  # noqa: E402
+from meshpar.models.gpt import GPT, GPTConfig  # noqa: E402
+from meshpar.nn.functional import cross_entropy  # noqa: E402
+from meshpar.sharding.api import unshard  # noqa: E402
+from meshpar.sharding.tensor import ShardedTensor  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True, help="a .py or .toml config (see docs/config.md)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted config key")
+    ap.add_argument("--out", default=None, help="output folder (default: out/gpt-<config name>)")
+    return ap.parse_args(argv)
+
+
+def overrides(pairs: list[str]) -> dict:
+    out = {}
+    for p in pairs:
+        k, _, v = p.partition("=")
+        try:
+            out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k] = v
+    return out
+
+
+def start(config: str, ov: dict) -> mt.Context:
+    if "RANK" in os.environ:
+        return mt.launch_from_torch(config, overrides=ov)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return mt.launch(config, rank=0, world_size=1, port=port, overrides=ov)
+
+
+class GPTLoss:
+    """Cross-entropy of (possibly sharded, vocab-padded) logits; a plain scalar on every rank."""
+
+    def __init__(self, model: GPT):
+        self.model = model
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if isinstance(logits, ShardedTensor):
+            targets = self.model.plan.place(targets, "targets")
+        loss = cross_entropy(logits, targets, ignore_index=-1, vocab_size=self.model.cfg.vocab_size)
+        return unshard(loss) if isinstance(loss, ShardedTensor) else loss
+
+
+def micro_step(engine: mt.Engine, batch) -> torch.Tensor:
+    """One micro-batch; dropout masks are seeded by (step, micro-batch): reproducible in every layout."""
+    x, y = batch
+    x, y = x.to(engine.ctx.device), y.to(engine.ctx.device)
+    seed = engine.global_step * engine.accum + engine.micro
+    loss = engine.criterion(engine(x, seed=seed), y)
+    engine.backward(loss)
+    return loss.detach()
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float = 0.1):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+def main(argv=None, ctx: mt.Context | None = None) -> dict:
+    """Run the job; ``ctx`` (e.g. from ``meshpar.train.context_for``) skips launching."""
+    args = parse_args(argv)
+    if ctx is None:
+        ctx = start(args.config, overrides(args.set))
+    cfg, mesh = ctx.config, ctx.mesh
+    train_cfg, model_cfg, data_cfg = cfg.section("train"), cfg.section("model"), cfg.section("data")
+    out = Path(args.out or f"out/gpt-{Path(args.config).stem}")
+    steps = int(train_cfg.get("steps", 200))
+    tokens, vocab = load_tokens(data_cfg.get("path", "stdlib"), int(data_cfg.get("max_bytes", 2_000_000)))
+    block = int(model_cfg.get("block_size", 64))
+    split = int(len(tokens) * 0.9)
+    train_ds = mt.TokenDataset(tokens[:split], block)
+    val_ds = mt.TokenDataset(tokens[split:], block)
+    per_rank = int(train_cfg.get("batch_size", 8)) // mesh.size("data")
+    train_dl = mt.get_dataloader(train_ds, per_rank, mesh, seed=cfg.seed)
+    val_dl = mt.get_dataloader(val_ds, per_rank, mesh, shuffle=False)
+
+    gcfg = GPTConfig(vocab_size=vocab, block_size=block, n_layer=int(model_cfg.get("n_layer", 2)),
+                     n_head=int(model_cfg.get("n_head", 4)), n_embd=int(model_cfg.get("n_embd", 64)),
+                     dropout=float(model_cfg.get("dropout", 0.0)), bias=bool(model_cfg.get("bias", True)))
+    model = GPT(gcfg, plan=mt.make_plan(ctx), seed=cfg.seed)
+    opt_cfg = cfg.section("optimizer")
+    lr = float(opt_cfg.get("lr", 3e-3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(opt_cfg.get("betas", (0.9, 0.95))),
+                                  weight_decay=float(opt_cfg.get("weight_decay", 0.0)))
+    sched = lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(int(train_cfg.get("warmup", 10)), steps))  # noqa
+    engine, train_dl, val_dl, _ = mt.initialize(model, optimizer, GPTLoss(model), train_dl, val_dl,
+                                                lr_scheduler=sched, ctx=ctx)
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = 6 * n_params + 12 * gcfg.n_layer * block * gcfg.n_embd
+    ck = cfg.section("checkpoint")
+    logger = mt.MetricLoggerHook(every=int(cfg.section("log").get("every", 10)), jsonl=out / "metrics.jsonl",
+                                 tensorboard=cfg.section("log").get("tensorboard"))
+    hooks = [mt.ThroughputHook(flops_per_token), logger,
+             mt.CheckpointHook(ck.get("dir", out / "ckpt"), every=int(ck.get("every", 50)),
+                               resume=bool(ck.get("resume", True)), export=out / "model.safetensors")]
+    trainer = mt.Trainer(engine, hooks, step_fn=micro_step, progress=bool(train_cfg.get("progress", True)))
+    losses = trainer.fit(train_dl, max_steps=steps, test_dataloader=val_dl,
+                         eval_every=int(train_cfg.get("eval_every", 0)), eval_batches=4)
+    val = trainer.evaluate(val_dl, max_batches=4)
+    rows = cfg.parallel.batch_split()  # the batch dimension is sharded over these ranks: one row each
+    prompt = torch.tensor([list(b"def ")] * rows, dtype=torch.long)
+    engine.eval()
+    sample = model.generate(prompt, int(train_cfg.get("sample_tokens", 100)), temperature=0.8, top_k=20, seed=0)
+    result = {"losses": losses, "val_loss": val, "sample": decode(sample[0].tolist(), vocab), "mesh": repr(mesh)}
+    if ctx.rank == 0:
+        hist = [r for r in logger.history if r["kind"] == "train"]
+        plot_losses([r["step"] for r in hist], [r["loss"] for r in hist], out / "loss.png", repr(mesh))
+        print(f"\nfinal val loss {val:.4f}; loss curve {out / 'loss.png'}; weights {out / 'model.safetensors'}")
+        print("---- sample ----\n" + result["sample"] + "\n----------------", flush=True)
+    return result
+
+
+def plot_losses(steps: list[int], losses: list[float], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, losses)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.set_title(f"GPT on {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
