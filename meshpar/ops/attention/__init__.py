@@ -19,3 +19,7 @@ __all__ = ["sp_attention", "sp_attention_bsh", "sequence_parallel", "SPOptions",
            "zigzag_permute", "zigzag_unpermute", "zigzag_index", "pad_to_multiple", "chunk_ids", "step_blocks",
            "rank_work", "Block", "block_forward", "block_backward", "merge_", "select_impl", "RingAttention",
            "all_to_all_attention", "attention_trace"]
+
+from .rule import shard_balanced, unshard_balanced  # noqa: E402  (registers the SDPA rule)
+
+__all__ += ["shard_balanced", "unshard_balanced"]
