@@ -149,3 +149,36 @@ def test_interleaved_training_matches_1f1b(pool):
     for losses in inter:
         assert losses == pytest.approx(ref[0], rel=1e-10)    # same on every rank, same as 1F1B
         assert losses[-1] < 0.8 * losses[0]                   # and it trains
+
+
+def _affine(params, x):
+    return x @ params["w"] + params["b"]
+
+
+def _functional(mesh):
+    g = torch.Generator().manual_seed(4)
+    ws = [(torch.randn(HIDDEN, HIDDEN, generator=g, dtype=torch.float64) / 3,
+           torch.randn(HIDDEN, generator=g, dtype=torch.float64)) for _ in range(3)]
+    blocks = []
+    for w, b in ws:
+        blocks += [(_affine, {"w": w.clone(), "b": b.clone()}), torch.tanh]
+    pipe = Pipeline(blocks, mesh, mse, schedule="1f1b", num_microbatches=3)
+    x, t = batch(9)
+    loss = pipe.step(x, t)
+    ref = [(w.clone().requires_grad_(), b.clone().requires_grad_()) for w, b in ws]
+    h = x
+    for w, b in ref:
+        h = torch.tanh(h @ w + b)
+    ref_loss = mse(h, t)
+    ref_loss.backward()
+    for name, prm in pipe.named_block_parameters():       # "<block>.params.<w|b>"
+        i, _, which = name.split(".")
+        w, b = ref[int(i) // 2]
+        torch.testing.assert_close(prm.grad, (w if which == "w" else b).grad, rtol=1e-10, atol=1e-12)
+    return float(loss), ref_loss.item(), [list(pipe.block_indices(c)) for c in range(pipe.chunks)]
+
+
+def test_functional_blocks(pool):
+    res = pool.run(_functional, (2,), ("pipe",))
+    assert res[0][0] == pytest.approx(res[0][1], rel=1e-12)
+    assert res[0][2] == [[0, 1, 2]] and res[1][2] == [[3, 4, 5]]

@@ -148,6 +148,7 @@ class Pipeline(nn.Module):
             raise ShardingError(
                 f"pipeline {what} has batch size {x.shape[0]} (dim 0), not divisible by num_microbatches={m}; "
                 f"use a batch size that is a multiple of {m} or change num_microbatches")
+        x = x.to(self.mesh.device, non_blocking=True)
         return list(x.chunk(m, dim=0)) if m > 1 else [x]
 
     # ------------------------------------------------------------------ step
