@@ -102,7 +102,8 @@ def make_logger(rank: int, name: str = "meshpar") -> logging.Logger:
 
 def launch(config: str | os.PathLike | Mapping[str, Any] | Config, rank: int, world_size: int,
            host: str = "127.0.0.1", port: int | str = 29500, backend: str | None = None, local_rank: int | None = None,
-           timeout_s: float = 300.0, overrides: Mapping[str, Any] | None = None) -> Context:
+           timeout_s: float = 300.0, overrides: Mapping[str, Any] | None = None,
+           init_method: str | None = None) -> Context:
     """Initialize torch.distributed (unless it already is) and build the config's mesh.
 
     Args:
@@ -112,6 +113,7 @@ def launch(config: str | os.PathLike | Mapping[str, Any] | Config, rank: int, wo
         backend: ``"nccl"``/``"gloo"``; default NCCL with GPUs, gloo without.
         local_rank: GPU index on this node (default ``rank % device_count``).
         overrides: dotted config overrides, e.g. ``{"train.steps": 10}``.
+        init_method: torch.distributed init method (default ``tcp://host:port``).
     """
     cfg = load_config(config, world_size=world_size, overrides=overrides)
     logger = make_logger(rank)
@@ -125,8 +127,13 @@ def launch(config: str | os.PathLike | Mapping[str, Any] | Config, rank: int, wo
         local_rank = 0 if local_rank is None else local_rank
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if init_method == "env://":
+            dist.init_process_group(backend, store=_elastic_store(host, int(port), rank, world_size, timeout),
+                                    rank=rank, world_size=world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method=init_method or f"tcp://{host}:{port}", rank=rank,
+                                    world_size=world_size, timeout=timeout)
     elif dist.get_world_size() != world_size or dist.get_rank() != rank:
         raise RuntimeError(f"torch.distributed is already initialized as rank {dist.get_rank()} of "
                            f"{dist.get_world_size()}, not rank {rank} of {world_size}")
@@ -138,6 +145,18 @@ def launch(config: str | os.PathLike | Mapping[str, Any] | Config, rank: int, wo
     torch.manual_seed(_rank_seed(cfg.seed, rank))
     return Context(mesh=mesh, config=cfg, rank=rank, world_size=world_size, local_rank=local_rank,
                    device=device, logger=logger)
+
+
+def _elastic_store(host: str, port: int, rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store under torchrun, prefixed by the restart attempt.
+
+    After an elastic restart the agent's store still holds the previous attempt's keys (the
+    old gloo addresses); a per-attempt prefix keeps the new workers from reading them.
+    """
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "False") == "True"
+    store = dist.TCPStore(host, port, world_size, is_master=(not agent and rank == 0), timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"meshpar/attempt_{attempt}", store)
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -154,7 +173,8 @@ def launch_from_torch(config: str | os.PathLike | Mapping[str, Any] | Config, ba
         raise RuntimeError(f"launch_from_torch: environment variable {e} is missing; start the script with "
                            f"`torchrun` or `meshpar run`, or call meshpar.train.launch(...)") from None
     local = int(os.environ.get("LOCAL_RANK", 0))
-    return launch(config, rank, world, host, port, backend=backend, local_rank=local, **kw)
+    # env:// lets torchrun's per-attempt rendezvous (elastic restarts) provide the store
+    return launch(config, rank, world, host, port, backend=backend, local_rank=local, init_method="env://", **kw)
 
 
 def launch_from_slurm(config: str | os.PathLike | Mapping[str, Any] | Config, host: str, port: int | str,
