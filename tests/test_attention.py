@@ -238,27 +238,28 @@ def test_ring_bf16_close(pool):
 
 
 # ----------------------------------------------------------------------------------------------- composition
-def _run_dp_sp(mesh, Q, K, V, dO, mode):
-    dp, sp, me = mesh.size("dp"), mesh.size("sp"), mesh.axis_index("sp")
-    b = mesh.axis_index("dp")
-    pick = lambda t: _split(t.chunk(dp, 0)[b], sp, me, True)  # noqa: E731
+def _run_tp_sp(mesh, Q, K, V, dO, mode):
+    tp, sp, me = mesh.size("tp"), mesh.size("sp"), mesh.axis_index("sp")
+    t_i = mesh.axis_index("tp")
+    pick = lambda t: _split(t.chunk(tp, 1)[t_i], sp, me, True)  # noqa: E731  heads over tp, sequence over sp
     q, k, v = (pick(t).requires_grad_(True) for t in (Q, K, V))
-    o = A.sp_attention_bsh(*(t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1) for t in (q, k, v)),
-                           head_dim=Q.shape[-1], mesh=mesh, axis="sp", causal=True, mode=mode, balanced=True)
+    bsh = lambda t: t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)  # noqa: E731  [B, S/sp, H/tp*D]
+    o = A.sp_attention_bsh(bsh(q), bsh(k), bsh(v), head_dim=Q.shape[-1], mesh=mesh, axis="sp", causal=True,
+                           mode=mode, balanced=True)
     o = o.view(o.shape[0], o.shape[1], -1, Q.shape[-1]).transpose(1, 2)
     o.backward(pick(dO))
     return dict(o=o.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
 
 
 @pytest.mark.parametrize("mode", ["ring", "all_to_all"])
-def test_bsh_layout_with_data_parallel(pool, mode):
-    """[B, S, H*D] activations, batch over dp=2, sequence over sp=4 (balanced)."""
-    Q, K, V, dO = _globals(11, 2, 4, 16, 4)
-    out = pool.run(_run_dp_sp, (2, 4), ("dp", "sp"), Q, K, V, dO, mode)
+def test_bsh_layout_with_tensor_parallel_heads(pool, mode):
+    """GPT-style [B, S, H*D] activations: heads over tp=2, sequence over sp=4 (balanced)."""
+    Q, K, V, dO = _globals(11, 2, 8, 16, 4)
+    out = pool.run(_run_tp_sp, (2, 4), ("tp", "sp"), Q, K, V, dO, mode)
     ref = _reference(Q, K, V, dO, True)
     for i, name in enumerate(("o", "dq", "dk", "dv")):
-        rows = [_join([out[d * 4 + s][name] for s in range(4)], 4, True) for d in range(2)]
-        assert (torch.cat(rows, 0) - ref[i]).abs().max() < 1e-9, name
+        heads = [_join([out[t * 4 + s][name] for s in range(4)], 4, True) for t in range(2)]
+        assert (torch.cat(heads, 1) - ref[i]).abs().max() < 1e-9, name
 
 
 # ----------------------------------------------------------------------------------------------- bad input
