@@ -74,7 +74,10 @@ CASES_4 = [(s, m, 1, "uniform") for s in ("gpipe", "1f1b") for m in (1, 4, 6)] +
           [("interleaved", m, 2, "uniform") for m in (4, 8)] + [("1f1b", 2, 1, [1, 2, 5])]
 
 
-@pytest.mark.parametrize("p,cases", [(2, CASES_2), (4, CASES_4)])
+CASES_1 = [("gpipe", 2, 2, "uniform"), ("interleaved", 3, 2, "uniform"), ("1f1b", 2, 1, "uniform")]
+
+
+@pytest.mark.parametrize("p,cases", [(1, CASES_1), (2, CASES_2), (4, CASES_4)])
 def test_equals_dense(pool, p, cases):
     n_blocks = 8
     res = pool.run(_equal_dense, (p,), ("pipe",), cases, n_blocks, 60 if p == 2 else 24)

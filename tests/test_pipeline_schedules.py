@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch.nn as nn
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from meshpar.errors import ShardingError
 from meshpar.pipeline import ScheduleError, balanced, make_schedule, partition, simulate, uniform
@@ -39,6 +39,7 @@ def _channel_sequences(s: Schedule):
     return sent, expected
 
 
+@settings(max_examples=60)
 @given(schedules())
 def test_schedule_tables(s):
     p, m, v = s.pipe_size, s.num_microbatches, s.chunks
@@ -58,6 +59,7 @@ def test_schedule_tables(s):
                 assert (a.mb, a.chunk) in seen
     # no deadlock, in-flight activations within the bound (1F1B <= stages)
     tl = simulate(s)
+    simulate(s, rendezvous=True)          # also safe where a send waits for its receive (NCCL)
     for r in range(p):
         assert tl.max_in_flight[r] <= s.in_flight_bound(r)
         if s.name == "1f1b":
@@ -65,6 +67,18 @@ def test_schedule_tables(s):
     # the simulated bubble equals the textbook (p-1)/(v m + p - 1) for 1F1B and interleaved
     if s.name in ("1f1b", "interleaved") and p > 1:
         assert tl.bubble_fraction == pytest.approx(s.theoretical_bubble(), abs=1e-9)
+
+
+def test_rendezvous_model_catches_crossed_links():
+    """Receiving before sending on a link is fine for gloo but deadlocks when sends rendezvous."""
+    r0 = (Action("RECV_B", 0, 0, 1), Action("F", 0, 0), Action("SEND_F", 0, 0, 1), Action("B", 0, 0))
+    r1 = (Action("RECV_F", 0, 0, 0), Action("F", 0, 0), Action("B", 0, 0), Action("SEND_B", 0, 0, 0))
+    crossed = Schedule("gpipe", 2, 1, 1, (r0, r1))
+    simulate(crossed)
+    with pytest.raises(ScheduleError, match="deadlock"):
+        simulate(crossed, rendezvous=True)
+    assert make_schedule("gpipe", 2, 1).table[0][:3] == (Action("F", 0, 0), Action("SEND_F", 0, 0, 1),
+                                                          Action("RECV_B", 0, 0, 1))
 
 
 def test_deadlock_and_mismatch_detected():

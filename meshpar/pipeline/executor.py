@@ -43,6 +43,16 @@ from .partition import partition as make_partition
 from .schedules import B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule, check_params, make_schedule
 
 
+class _Mailbox:
+    """A receive from another chunk of the same rank: the value is taken when waited for."""
+
+    def __init__(self, box: dict, key: tuple):
+        self._box, self._key = box, key
+
+    def wait(self) -> torch.Tensor:
+        return self._box.pop(self._key)
+
+
 class Pipeline(nn.Module):
     """This rank's chunks of a block-sequential model and the schedule that runs them.
 
@@ -161,10 +171,9 @@ class Pipeline(nn.Module):
         last_here = any(self.is_last(c) for c in range(self.chunks))
         if first_here and xs is None:
             raise ShardingError(f"pipe rank {self.pipe_rank} runs the first stage and needs inputs, got None")
-        # Until every link's shapes are cached (the first step), receives are posted at the point
-        # of use, after the metadata message; afterwards they are posted early to overlap compute.
-        lazy = (any(c not in self._recv_meta for c in range(self.chunks) if not self.is_first(c))
-                or any(c not in self._sent_meta for c in range(self.chunks) if not self.is_last(c)))
+        if any(c not in self._recv_meta for c in range(self.chunks) if not self.is_first(c)) or \
+                any(c not in self._sent_meta for c in range(self.chunks) if not self.is_last(c)):
+            self._exchange_shapes(xs)
 
         t_step = time.perf_counter()
         timings: list[tuple[Action, float]] = []
@@ -177,29 +186,32 @@ class Pipeline(nn.Module):
 
         def post_recv(a: Action) -> None:
             if a.kind == RECV_F:
-                meta = self._recv_meta.get(a.chunk)
-                if meta is None:
-                    meta = p2p.recv_meta(mesh, axis, a.peer)
-                    self._recv_meta[a.chunk] = meta
+                meta = self._recv_meta[a.chunk]
                 buf = torch.empty(meta.local_shape, dtype=meta.dtype, device=mesh.device)
             else:  # the gradient has the shape of the activation this chunk sent
                 meta = self._sent_meta[a.chunk]
                 buf = torch.empty(meta.local_shape, dtype=meta.dtype, device=mesh.device)
-            pending_recv[(a.kind, a.mb, a.chunk)] = (a, p2p.recv_async(buf, mesh, axis, a.peer))
+            key = (a.kind, a.mb, a.chunk)
+            if a.peer == self.pipe_rank:  # a link between two chunks of this rank: no communication
+                pending_recv[key] = (a, _Mailbox(mailbox, key))
+            else:
+                pending_recv[key] = (a, p2p.recv_async(buf, mesh, axis, a.peer))
 
         def take_recv(kind: str, mb: int, chunk: int) -> torch.Tensor:
-            key = (kind, mb, chunk)
-            if key not in pending_recv:  # lazy mode: posted at the point of use
-                post_recv(lazy_recvs.pop(key))
-            return pending_recv.pop(key)[1].wait()
+            return pending_recv.pop((kind, mb, chunk))[1].wait()
 
-        lazy_recvs: dict[tuple[str, int, int], Action] = {}
+        mailbox: dict[tuple[str, int, int], torch.Tensor] = {}
+
+        def send(a: Action, t: torch.Tensor) -> None:
+            if a.peer != self.pipe_rank:
+                sends.append(p2p.send_async(t, mesh, axis, a.peer))
+                return
+            s = self.virtual_stage(a.chunk) + (1 if a.kind == SEND_F else -1)
+            mailbox[(RECV_F if a.kind == SEND_F else RECV_B, a.mb, s // self.pipe_size)] = t.detach().clone()
+
         for i, a in enumerate(self._actions):
             if a.kind in (RECV_F, RECV_B):
-                if lazy:
-                    lazy_recvs[(a.kind, a.mb, a.chunk)] = a
-                else:
-                    post_recv(a)
+                post_recv(a)
             elif a.kind == F:
                 t0 = self._tic()
                 stage = self.stages[a.chunk]
@@ -221,16 +233,12 @@ class Pipeline(nn.Module):
                 timings.append((a, self._toc(t0)))
             elif a.kind == SEND_F:
                 y = saved_out[(a.mb, a.chunk)]
-                meta = p2p.meta_of(y)
-                known = self._sent_meta.get(a.chunk)
-                if known is None:
-                    sends.append(p2p.send_meta(meta, mesh, axis, a.peer))
-                    self._sent_meta[a.chunk] = meta
-                elif known != meta:
+                meta, known = p2p.meta_of(y), self._sent_meta[a.chunk]
+                if known != meta:
                     raise ShardingError(
                         f"pipe rank {self.pipe_rank} chunk {a.chunk}: activation changed from {known} to {meta} "
                         "since the first step; keep micro-batch shapes fixed or call reset_shapes() on every rank")
-                sends.append(p2p.send_async(p2p.local_block(y), mesh, axis, a.peer))
+                send(a, p2p.local_block(y))
             elif a.kind == B:
                 t0 = self._tic()
                 out = saved_out.pop((a.mb, a.chunk))
@@ -247,12 +255,12 @@ class Pipeline(nn.Module):
                 timings.append((a, self._toc(t0)))
             elif a.kind == SEND_B:
                 g = saved_in.pop(("grad", a.mb, a.chunk))
-                sends.append(p2p.send_async(g, mesh, axis, a.peer))
+                send(a, g)
         for s in sends:
             s.wait()
         for grads, work in grad_work:
             self._finish_grads(grads, work)
-        if saved_out or pending_recv or lazy_recvs:
+        if saved_out or pending_recv:
             raise RuntimeError("pipeline step finished with unconsumed activations or messages (schedule bug)")
         loss = torch.stack(losses).mean() if losses else None
         if self.loss_on == "all" and self.pipe_size > 1:
@@ -266,6 +274,35 @@ class Pipeline(nn.Module):
         return loss
 
     # ------------------------------------------------------------------ helpers
+    def _exchange_shapes(self, xs: list[torch.Tensor] | None) -> None:
+        """Learn every link's activation shape/dtype/spec once, before the first step.
+
+        Micro-batch 0 runs forward stage by stage along the chain of virtual stages, without
+        autograd and with the RNG state restored afterwards; each stage sends the metadata of
+        its output (not the values) to the next. Later steps reuse the cached metadata. The
+        chain is one message per link in stage order, safe on gloo and NCCL alike.
+        """
+        mesh, axis = self.mesh, self.pipe_axis
+        devices = [mesh.device] if mesh.device.type == "cuda" else []
+        me = self.pipe_rank
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            for c in range(self.chunks):
+                s = self.virtual_stage(c)
+                if self.is_first(c):
+                    x = xs[0]
+                else:
+                    src = (s - 1) % self.pipe_size
+                    meta = self._sent_meta[c - 1] if src == me else p2p.recv_meta(mesh, axis, src)
+                    self._recv_meta[c] = meta
+                    x = p2p.wrap_received(torch.zeros(meta.local_shape, dtype=meta.dtype, device=mesh.device),
+                                          meta, mesh)
+                if self.is_last(c):
+                    continue
+                meta = p2p.meta_of(self.stages[c](x))
+                self._sent_meta[c] = meta
+                if (s + 1) % self.pipe_size != me:  # one rank, several chunks: handed over locally
+                    p2p.send_meta(meta, mesh, axis, (s + 1) % self.pipe_size).wait()
+
     def _scalar(self, loss: torch.Tensor) -> torch.Tensor:
         if p2p.is_sharded(loss):
             from ..sharding import unshard

@@ -9,9 +9,11 @@ rank is a list, one entry per rank, of :class:`Action` s executed in order:
 * ``SEND_B`` / ``RECV_B``: the gradient with respect to that activation, flowing back.
 
 Semantics (what the executor does, and what :func:`meshpar.pipeline.simulate.simulate` checks):
-a ``SEND_*`` posts an asynchronous send and never blocks; a ``RECV_*`` posts an asynchronous
-receive (early, so the transfer overlaps the compute before it); the compute action that
-consumes the message waits for it. Messages between a pair of ranks match in posting order.
+a ``SEND_*`` posts an asynchronous send; a ``RECV_*`` posts an asynchronous receive (early, so
+the transfer overlaps the computes before its consumer); the compute action that consumes the
+message waits for it. Messages between a pair of ranks match in posting order. Both ranks of a
+link post its operations in one agreed order, so the tables are also safe where each link is a
+single in-order stream on which a send waits for its receive (NCCL point-to-point).
 
 Generators build the per-rank *compute order* (``F``/``B`` only) and then insert communication
 mechanically with :func:`insert_comm`, so every schedule obeys the same rules.
@@ -186,37 +188,107 @@ def _neighbours(rank: int, chunk: int, p: int, v: int) -> tuple[tuple[int, int] 
     return prev, nxt
 
 
-def insert_comm(order: Sequence[Action], rank: int, p: int, v: int) -> list[Action]:
-    """Insert sends right after each compute and receives one compute early (for overlap).
+def _compute_end_times(orders: Sequence[Sequence[Action]], p: int, v: int,
+                       t_fwd: float = 1.0, t_bwd: float = 2.0) -> dict[tuple[int, str, int, int], float]:
+    """End time of every compute ``(rank, kind, mb, chunk)`` when each rank runs its order
+    sequentially and a compute starts once its input message has been produced."""
+    last = p * v - 1
+    end: dict[tuple[int, str, int, int], float] = {}
+    pos, clock = [0] * p, [0.0] * p
+    remaining = sum(len(o) for o in orders)
+    while remaining:
+        progressed = False
+        for r in range(p):
+            while pos[r] < len(orders[r]):
+                a = orders[r][pos[r]]
+                s = a.chunk * p + r
+                if a.kind == F:
+                    dep = None if s == 0 else ((s - 1) % p, F, a.mb, (s - 1) // p)
+                else:
+                    dep = None if s == last else ((s + 1) % p, B, a.mb, (s + 1) // p)
+                if dep is not None and dep not in end:
+                    break
+                start = max(clock[r], end[dep] if dep is not None else 0.0)
+                clock[r] = start + (t_fwd if a.kind == F else t_bwd)
+                end[(r, a.kind, a.mb, a.chunk)] = clock[r]
+                pos[r] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            stuck = {r: orders[r][pos[r]] for r in range(p) if pos[r] < len(orders[r])}
+            raise ShardingError(f"compute orders deadlock (schedule bug): ranks blocked at {stuck}")
+    return end
 
-    The receive a compute needs is posted just before the *previous* compute of this rank, so
-    the transfer overlaps it; the first compute's receive is posted at the start.
+
+def insert_comm(orders: Sequence[Sequence[Action]], p: int, v: int) -> list[list[Action]]:
+    """Add sends and receives to every rank's compute order.
+
+    Messages between two ranks (both directions) get one agreed order: the order in which they
+    are produced when the compute orders run with forward = 1, backward = 2. Both ranks post
+    their operations on that link in exactly this order, which makes the table safe both where
+    sends never block (gloo) and where each link is one in-order stream on which a send waits
+    for its receive (NCCL point-to-point). A send is posted right after the compute that
+    produces it; a receive as early as the link order allows (so the transfer overlaps the
+    computes before its consumer).
     """
-    recvs: list[list[Action]] = []
-    sends: list[list[Action]] = []
-    for a in order:
-        prev, nxt = _neighbours(rank, a.chunk, p, v)
-        if a.kind == F:
-            recvs.append([Action(RECV_F, a.mb, a.chunk, prev[0])] if prev else [])
-            sends.append([Action(SEND_F, a.mb, a.chunk, nxt[0])] if nxt else [])
-        else:
-            recvs.append([Action(RECV_B, a.mb, a.chunk, nxt[0])] if nxt else [])
-            sends.append([Action(SEND_B, a.mb, a.chunk, prev[0])] if prev else [])
-    out: list[Action] = []
-    if order:
-        out += recvs[0]
-    for i, a in enumerate(order):
-        if i + 1 < len(order):
-            out += recvs[i + 1]
-        out.append(a)
-        out += sends[i]
-    return out
+    end = _compute_end_times(orders, p, v)
+    last = p * v - 1
+    # every message: (producer key, sender, receiver, send action, recv action)
+    links: dict[tuple[int, int], list[tuple[float, int, tuple, Action, Action, int]]] = {}
+    for r in range(p):
+        for a in orders[r]:
+            s = a.chunk * p + r
+            if a.kind == F and s < last:
+                t = s + 1
+                snd, rcv = Action(SEND_F, a.mb, a.chunk, t % p), Action(RECV_F, a.mb, t // p, r)
+            elif a.kind == B and s > 0:
+                t = s - 1
+                snd, rcv = Action(SEND_B, a.mb, a.chunk, t % p), Action(RECV_B, a.mb, t // p, r)
+            else:
+                continue
+            key = (r, a.kind, a.mb, a.chunk)
+            links.setdefault((min(r, t % p), max(r, t % p)), []).append((end[key], r, key, snd, rcv, t % p))
+    for msgs in links.values():
+        msgs.sort(key=lambda m: (m[0], m[1], m[2]))
+    tables: list[list[Action]] = []
+    for r in range(p):
+        seqs = {peer: links[(min(r, peer), max(r, peer))] for peer in range(p)
+                if (min(r, peer), max(r, peer)) in links}
+        ptr = {peer: 0 for peer in seqs}
+        produced: set = set()
+        posted: set = set()
+        out: list[Action] = []
+
+        def flush() -> None:
+            for peer, msgs in seqs.items():
+                while ptr[peer] < len(msgs):
+                    _, sender, key, snd, rcv, receiver = msgs[ptr[peer]]
+                    if sender == r:
+                        if key not in produced:
+                            break
+                        out.append(snd)
+                    if receiver == r:  # both, in that order, on a link between two chunks of one rank
+                        out.append(rcv)
+                        posted.add((rcv.kind, rcv.mb, rcv.chunk))
+                    ptr[peer] += 1
+
+        flush()
+        for a in orders[r]:
+            s = a.chunk * p + r
+            need = (RECV_F if a.kind == F else RECV_B, a.mb, a.chunk)
+            if ((a.kind == F and s > 0) or (a.kind == B and s < last)) and need not in posted:
+                raise ShardingError(f"rank {r}: no receive posted before {a} (schedule bug)")
+            out.append(a)
+            produced.add((r, a.kind, a.mb, a.chunk))
+            flush()
+        tables.append(out)
+    return tables
 
 
 def make_schedule(name: str, pipe_size: int, num_microbatches: int, chunks: int = 1) -> Schedule:
     """Generate the action table of schedule ``name`` (``gpipe``, ``1f1b``, ``interleaved``)."""
     check_params(name, pipe_size, num_microbatches, chunks)
     gen = GENERATORS[name]
-    table = tuple(tuple(insert_comm(gen(r, pipe_size, num_microbatches, chunks), r, pipe_size, chunks))
-                  for r in range(pipe_size))
+    orders = [gen(r, pipe_size, num_microbatches, chunks) for r in range(pipe_size)]
+    table = tuple(tuple(t) for t in insert_comm(orders, pipe_size, chunks))
     return Schedule(name, pipe_size, num_microbatches, chunks, table)

@@ -53,8 +53,14 @@ def _receiver_chunk(send: Action, sender: int, p: int) -> int:
     return t // p
 
 
-def simulate(sched: Schedule, t_fwd: float = 1.0, t_bwd: float = 2.0) -> Timeline:
-    """Execute ``sched``'s table in the executor's semantics; see the module docstring."""
+def simulate(sched: Schedule, t_fwd: float = 1.0, t_bwd: float = 2.0, *, rendezvous: bool = False) -> Timeline:
+    """Execute ``sched``'s table in the executor's semantics; see the module docstring.
+
+    With ``rendezvous=True`` each rank's operations towards one peer form a single in-order
+    stream (both directions) and an operation completes only together with the peer's
+    matching operation at the head of its stream -- the NCCL point-to-point model, where a
+    send waits for its receive. A table that passes both models is safe on gloo and NCCL.
+    """
     p, m, v = sched.pipe_size, sched.num_microbatches, sched.chunks
     tables = [list(sched.actions(r)) for r in range(p)]
     pos = [0] * p
@@ -69,7 +75,25 @@ def simulate(sched: Schedule, t_fwd: float = 1.0, t_bwd: float = 2.0) -> Timelin
     max_in_flight = [0] * p
     events: list[list[tuple[float, float, Action]]] = [[] for _ in range(p)]
 
+    streams: dict[tuple[int, int], deque] = defaultdict(deque)  # rendezvous: (rank, peer) -> ops
+
+    def match_streams(a: int, b: int) -> None:
+        qa, qb = streams[(a, b)], streams[(b, a)]
+        while qa and qb:
+            (ka, keya, ta), (kb, keyb, tb) = qa[0], qb[0]
+            if ka == kb:
+                return  # two sends (or two receives) facing each other: wait, maybe forever
+            if keya != keyb:
+                raise ScheduleError(
+                    f"{sched.name} p={p} m={m} v={v}: link {a}<->{b} pairs {keya} with {keyb}")
+            qa.popleft()
+            qb.popleft()
+            dst = b if ka == "S" else a
+            arrived[dst][keya] = max(ta, tb)
+
     def match(src: int, dst: int) -> None:
+        if rendezvous and src != dst:  # a rank's link to itself is a local hand-over
+            return match_streams(src, dst)
         q_s, q_r = sent[(src, dst)], posted[(src, dst)]
         while q_s and q_r:
             (key, t), want = q_s.popleft(), q_r.popleft()
@@ -95,10 +119,16 @@ def simulate(sched: Schedule, t_fwd: float = 1.0, t_bwd: float = 2.0) -> Timelin
                 a = tables[r][pos[r]]
                 if a.kind in SENDS:
                     key = (_MATCH[a.kind], a.mb, _receiver_chunk(a, r, p))
-                    sent[(r, a.peer)].append((key, clock[r]))
+                    if rendezvous and a.peer != r:
+                        streams[(r, a.peer)].append(("S", key, clock[r]))
+                    else:
+                        sent[(r, a.peer)].append((key, clock[r]))
                     match(r, a.peer)
                 elif a.kind in RECVS:
-                    posted[(a.peer, r)].append((a.kind, a.mb, a.chunk))
+                    if rendezvous and a.peer != r:
+                        streams[(r, a.peer)].append(("R", (a.kind, a.mb, a.chunk), clock[r]))
+                    else:
+                        posted[(a.peer, r)].append((a.kind, a.mb, a.chunk))
                     match(a.peer, r)
                 else:
                     need = needs(r, a)
@@ -133,7 +163,7 @@ def simulate(sched: Schedule, t_fwd: float = 1.0, t_bwd: float = 2.0) -> Timelin
     for r in range(p):
         if done_f[r] != want or done_b[r] != want:
             raise ScheduleError(f"rank {r} does not run forward and backward of every (micro-batch, chunk) once")
-        leftovers = [k for k, q in list(sent.items()) + list(posted.items()) if q]
+        leftovers = [k for k, q in list(sent.items()) + list(posted.items()) + list(streams.items()) if q]
         if leftovers or arrived[r]:
             raise ScheduleError(f"unmatched messages on channels {leftovers} / {arrived[r]}")
     return Timeline(sched, events, max_in_flight)
