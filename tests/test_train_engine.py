@@ -47,3 +47,25 @@ def test_exact_resume_data_parallel(pool, tmp_path):
     assert rest == full[3:]  # bit-identical after resume (data order, RNG, optimizer state)
     assert lr == 3e-2 * 0.5 ** 4
     assert res[1][0] == full  # every rank logs the same data-averaged loss
+
+
+def _two_layouts(rank: int, world: int):
+    from meshpar.models.gpt import GPT, GPTConfig, loss_fn, init_params
+    from meshpar.train import make_plan
+
+    gcfg = GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 32, (8, 9), generator=g)
+    a = context_for(dict(parallel=dict(tensor=dict(size=4, mode="2d"))))
+    b = context_for(dict(parallel=dict(tensor=dict(size=4, mode="1d"))))
+    ma = GPT(gcfg, plan=make_plan(a), seed=5, dtype=torch.float64)
+    mb = GPT(gcfg, plan=make_plan(b), seed=5, dtype=torch.float64)
+    la, lb = float(ma(t[:, :-1], t[:, 1:])), float(mb(t[:, :-1], t[:, 1:]))
+    dense = float(loss_fn(init_params(gcfg, 5, torch.float64), t[:, :-1], t[:, 1:], gcfg))
+    return a.mesh.names, b.mesh.names, la, lb, dense
+
+
+def test_two_layouts_in_one_program(pool):
+    for names_a, names_b, la, lb, dense in pool.run(_two_layouts, None):
+        assert names_a == ("data", "x", "y") and names_b == ("data", "tp")
+        assert abs(la - dense) < 1e-10 and abs(lb - dense) < 1e-10

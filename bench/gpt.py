@@ -1,0 +1,285 @@
+"""End-to-end GPT training throughput: meshpar vs FSDP2 (and FSDP2+TP) in the same run.
+
+    # on the GPU machine, per world size (1, 2, 4):
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    torchrun --standalone --nproc-per-node 4 bench/gpt.py --modes dp,2d,fsdp2,fsdp2_tp
+    # CPU smoke test of the script itself (gloo, tiny sizes):
+    torchrun --standalone --nproc-per-node 4 bench/gpt.py --smoke
+
+Defaults: a ~1.2B-parameter GPT (24 layers, d=2048, 16 heads, vocab 50304), seq 2048, bf16.
+Each mode trains ``--warmup`` steps, then times ``--steps`` (median; CUDA events on GPU, max
+over ranks) and reports tokens/s and MFU (6N + 12·L·T·C FLOPs per token, peak 989 TFLOP/s
+per H100/H200 by default). Before timing, the first-step loss of every mode is checked
+against the same dense initialization. JSON goes to ``--out`` (bench/results/).
+
+Modes: ``dp`` meshpar data parallel + ZeRO-1 (``--zero``); ``1d``/``2d`` meshpar tensor
+parallel over all ranks (2d needs a square); ``fsdp2`` torch ``fully_shard`` per block;
+``fsdp2_tp`` FSDP2 over dp × torch TP (Colwise/Rowwise) over tp=2 (4+ ranks).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import meshpar.train as mt  # noqa: E402
+from meshpar.models.gpt import GPT, GPTConfig, init_params, param_shapes  # noqa: E402
+
+
+# ------------------------------------------------------------------ the PyTorch-native baseline model
+class Block(nn.Module):
+    """One pre-LN transformer block with the same math and [in, out] weights as meshpar's GPT."""
+
+    def __init__(self, c: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.ln_1, self.ln_2 = nn.LayerNorm(c), nn.LayerNorm(c)
+        self.q, self.k, self.v, self.proj = (nn.Linear(c, c) for _ in range(4))
+        self.fc, self.mproj = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        h = self.ln_1(x)
+        # local head count (TP shards the q/k/v columns)
+        q, k, v = (m(h) for m in (self.q, self.k, self.v))
+        hl = q.shape[-1] // (C // self.n_head)
+        q, k, v = (t.view(B, T, hl, -1).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+        x = x + self.proj(y)
+        return x + self.mproj(F.gelu(self.fc(self.ln_2(x))))
+
+
+class TorchGPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.h = nn.ModuleList(Block(cfg.n_embd, cfg.n_head) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for b in self.h:
+            x = b(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+
+    @torch.no_grad()
+    def load_meshpar(self, params: dict[str, torch.Tensor]) -> None:
+        """Copy meshpar's dense init ([in, out] weights) into this module ([out, in])."""
+        rename = {"attn.q": "q", "attn.k": "k", "attn.v": "v", "attn.proj": "proj", "mlp.fc": "fc",
+                  "mlp.proj": "mproj"}
+        own = dict(self.named_parameters())
+        for name, t in params.items():
+            n = name
+            for a, b in rename.items():
+                n = n.replace(f".{a}.", f".{b}.")
+            if n == "lm_head.weight" or (n.endswith(".weight") and t.ndim == 2 and n not in ("wte.weight",)):
+                t = t.t()
+            key = n if n in own else n + ".weight" if n + ".weight" in own else n
+            own[key].copy_(t)
+
+
+# ------------------------------------------------------------------ runs
+def peak_flops(smoke: bool) -> float | None:
+    if smoke or not torch.cuda.is_available():
+        return None
+    from meshpar.train.hooks import default_peak_flops
+    return default_peak_flops() or 989e12
+
+
+def timed(step, warmup: int, steps: int, device: torch.device) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def batch(args, gcfg: GPTConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(0, gcfg.vocab_size, (args.batch, gcfg.block_size + 1), generator=g)
+    return t[:, :-1].to(device), t[:, 1:].to(device)
+
+
+def run_meshpar(mode: str, args, gcfg: GPTConfig, world: int, dtype) -> tuple[float, list[float]]:
+    tensor = None if mode == "dp" else dict(size=world, mode=mode)
+    cfg = dict(parallel=dict(tensor=tensor), zero=dict(stage=args.zero if mode == "dp" else 0),
+               precision="fp32" if args.smoke else "bf16", seed=0)
+    ctx = mt.context_for(cfg)
+    model = GPT(gcfg, plan=mt.make_plan(ctx), seed=0).to(ctx.device)
+    engine, *_ = mt.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-4), None, ctx=ctx)
+    nd = ctx.mesh.size("data")
+    x, y = batch(args, gcfg, ctx.device)
+    if mode == "dp":  # each data rank takes its slice of the global batch
+        r = ctx.mesh.coord("data")
+        per = args.batch // nd
+        x, y = x[r * per:(r + 1) * per], y[r * per:(r + 1) * per]
+    first = {}
+
+    def step():
+        engine.zero_grad()
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        first.setdefault("loss", float(loss.detach()))
+    t = timed(step, args.warmup, args.steps, ctx.device)
+    loss = first["loss"]
+    if mode == "dp":
+        v = torch.tensor([loss], device=ctx.device)
+        dist.all_reduce(v)
+        loss = float(v) / nd
+    return loss, t
+
+
+def run_fsdp(mode: str, args, gcfg: GPTConfig, world: int, dtype, device) -> tuple[float, list[float]]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = TorchGPT(gcfg)
+    model.load_meshpar(init_params(gcfg, 0))
+    model.to(device)
+    dt = device.type
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
+    kw = {"mp_policy": mp} if mp else {}
+    x, y = batch(args, gcfg, device)
+    if mode == "fsdp2_tp":
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        tp = 2
+        mesh = init_device_mesh(dt, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+        for b in model.h:
+            parallelize_module(b, mesh["tp"], {"q": ColwiseParallel(), "k": ColwiseParallel(),
+                                               "v": ColwiseParallel(), "proj": RowwiseParallel(),
+                                               "fc": ColwiseParallel(), "mproj": RowwiseParallel()})
+        dp_mesh, nd, r = mesh["dp"], world // tp, mesh.get_local_rank("dp")
+    else:
+        dp_mesh = init_device_mesh(dt, (world,))
+        nd, r = world, dist.get_rank()
+    for b in model.h:
+        fully_shard(b, mesh=dp_mesh, **kw)
+    fully_shard(model, mesh=dp_mesh, **kw)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    per = args.batch // nd
+    x, y = x[r * per:(r + 1) * per], y[r * per:(r + 1) * per]
+    first = {}
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(x, y)
+        loss.backward()
+        opt.step()
+        first.setdefault("loss", float(loss.detach()))
+    t = timed(step, args.warmup, args.steps, device)
+    v = torch.tensor([first["loss"]], device=device)
+    dist.all_reduce(v)
+    return float(v) / world, t  # every tp peer holds the same loss: the mean over all ranks is the dp mean
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--modes", default=None, help="comma list of dp,1d,2d,fsdp2,fsdp2_tp (default: all that fit)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, fp32, gloo/CPU: checks the script runs")
+    ap.add_argument("--n-layer", type=int, default=24)
+    ap.add_argument("--n-embd", type=int, default=2048)
+    ap.add_argument("--n-head", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=50304)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
+    ap.add_argument("--zero", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.smoke:
+        args.n_layer, args.n_embd, args.n_head, args.vocab, args.seq = 2, 64, 4, 256, 64
+        args.warmup, args.steps = 1, 3
+    if "RANK" not in os.environ:  # one process without torchrun
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(s.getsockname()[1]))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    use_cuda = torch.cuda.is_available() and not args.smoke
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=600))
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    gcfg = GPTConfig(vocab_size=args.vocab, block_size=args.seq, n_layer=args.n_layer, n_head=args.n_head,
+                     n_embd=args.n_embd)
+    square = math.isqrt(world) ** 2 == world
+    modes = args.modes.split(",") if args.modes else \
+        ["dp"] + (["1d"] if world > 1 else []) + (["2d"] if square and world > 1 else []) + \
+        (["fsdp2"]) + (["fsdp2_tp"] if world >= 4 and world % 2 == 0 else [])
+    n_params = sum(math.prod(s) for s in param_shapes(gcfg).values())
+    fpt = 6 * n_params + 12 * gcfg.n_layer * gcfg.block_size * gcfg.n_embd
+    peak = peak_flops(args.smoke)
+    tokens = args.batch * args.seq
+    results = []
+    ref = None
+    for mode in modes:
+        if mode in ("dp", "1d", "2d"):
+            loss, times = run_meshpar(mode, args, gcfg, world, dtype)
+        else:
+            loss, times = run_fsdp(mode, args, gcfg, world, dtype, device)
+        med = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+        dist.all_reduce(med, op=dist.ReduceOp.MAX)
+        sec = float(med)
+        ref = loss if ref is None else ref
+        tol = 1e-4 if args.smoke else 5e-2
+        ok = abs(loss - ref) <= tol * max(1.0, abs(ref))
+        row = {"mode": mode, "first_loss": loss, "loss_matches_first_mode": ok, "median_step_s": sec,
+               "tokens_per_s": tokens / sec, "tokens_per_s_per_gpu": tokens / sec / world,
+               "mfu": fpt * tokens / sec / (peak * world) if peak else None}
+        results.append(row)
+        if rank == 0:
+            mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+            print(f"{mode:>9}: loss0 {loss:.4f} ({'ok' if ok else 'MISMATCH'}) step {sec * 1e3:8.1f} ms  "
+                  f"{row['tokens_per_s']:10.0f} tok/s  MFU {mfu}", flush=True)
+    if rank == 0:
+        base = {r["mode"]: r["tokens_per_s"] for r in results}
+        anchor = base.get("fsdp2_tp") or base.get("fsdp2")
+        for r in results:
+            r["ratio_vs_fsdp2_baseline"] = r["tokens_per_s"] / anchor if anchor else None
+        info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "torch": torch.__version__,
+                "nccl": ".".join(map(str, torch.cuda.nccl.version())) if use_cuda else None,
+                "device": torch.cuda.get_device_name() if use_cuda else "cpu (smoke)", "world_size": world,
+                "params": n_params, "flops_per_token": fpt, "peak_flops": peak, "seq": args.seq,
+                "global_batch": args.batch, "dtype": str(dtype), "steps": args.steps, "warmup": args.warmup,
+                "model": dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab=args.vocab),
+                "results": results}
+        out = Path(args.out or ("/tmp/meshpar-bench-smoke" if args.smoke else "bench/results"))
+        out.mkdir(parents=True, exist_ok=True)
+        f = out / f"gpt-{'smoke-' if args.smoke else ''}{world}gpu-{int(time.time())}.json"
+        f.write_text(json.dumps(info, indent=1))
+        print(f"wrote {f}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
