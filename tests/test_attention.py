@@ -223,6 +223,31 @@ def test_ring_noncausal_cross_lengths(pool):
     _check(out, Q, K, V, dO, False, 4, False)
 
 
+def _run_gqa(mesh, Q, K, V, dO, mode):
+    sp, me = mesh.size("sp"), mesh.axis_index("sp")
+    q, k, v = (_split(t, sp, me, True).requires_grad_(True) for t in (Q, K, V))
+    with CommCounter() as c:
+        o = A.sp_attention(q, k, v, mesh, "sp", causal=True, balanced=True, mode=mode, enable_gqa=True)
+    o.backward(_split(dO, sp, me, True))
+    return dict(o=o.detach(), dq=q.grad, dk=k.grad, dv=v.grad, fwd_bytes=c.bytes.get(("sp",), 0.0))
+
+
+@pytest.mark.parametrize("mode", ["ring", "all_to_all"])
+def test_grouped_query_attention(pool, mode):
+    """8 query heads over 4 K/V heads; the ring carries the 4 K/V heads only."""
+    g = torch.Generator().manual_seed(9)
+    Q, dO = (torch.randn(1, 8, 16, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    K, V = (torch.randn(1, 4, 16, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    out = pool.run(_run_gqa, (4,), ("sp",), Q, K, V, dO, mode)
+    q, k, v = (t.clone().requires_grad_(True) for t in (Q, K, V))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    ref.backward(dO)
+    for name, r in (("o", ref.detach()), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+        assert (_join([o[name] for o in out], 4, True) - r).abs().max() < 1e-9, name
+    if mode == "ring":
+        assert all(o["fwd_bytes"] == 3 * 2 * _local_bytes(K, 4) for o in out)
+
+
 def _run_bf16(mesh, Q, K, V, dO):
     sp, me = mesh.size("sp"), mesh.axis_index("sp")
     q, k, v = (_split(t, sp, me, True).to(torch.bfloat16).requires_grad_(True) for t in (Q, K, V))
@@ -302,8 +327,6 @@ def test_unsupported_sdpa_features():
         check_call(attn_mask=torch.ones(2, 2))
     with pytest.raises(ShardingError, match="dropout_p=0.1"):
         check_call(dropout_p=0.1)
-    with pytest.raises(ShardingError, match="enable_gqa"):
-        check_call(enable_gqa=True)
     with pytest.raises(ValueError, match="mode must be one of"):
         with A.sequence_parallel(mode="ulysses"):
             pass

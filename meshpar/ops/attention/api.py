@@ -13,12 +13,14 @@ from .ulysses import all_to_all_attention
 
 def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh: Mesh | None = None, axis="sp", *,
                  causal: bool = False, scale: float | None = None, mode: str | None = None,
-                 balanced: bool | None = None, block_impl: str | None = None) -> torch.Tensor:
+                 balanced: bool | None = None, block_impl: str | None = None,
+                 enable_gqa: bool = False) -> torch.Tensor:
     """Attention of sequence-sharded local blocks; differentiable.
 
     Args:
         q: ``[B, H, Sq/sp, D]`` this rank's query block(s).
-        k, v: ``[B, H, Sk/sp, D]`` this rank's key/value block(s).
+        k, v: ``[B, H, Sk/sp, D]`` this rank's key/value block(s) (``[B, H_kv, Sk/sp, D]`` with
+            ``enable_gqa``; the ring then carries the un-repeated K/V heads).
         mesh, axis: the ring: a mesh axis name (or tuple of names, major to minor) over which dim 2
             is sharded. The mesh defaults to the ``with mesh:`` one.
         causal: causal mask over *global* positions (needs ``Sq == Sk``).
@@ -42,10 +44,11 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh: Mesh |
     if mode not in ("ring", "all_to_all"):
         raise ValueError(f"mode must be 'ring' or 'all_to_all', got {mode!r}")
     sp = mesh.size(axes)
-    check_local(q, k, v, sp=sp, causal=causal, balanced=balanced, mode=mode)
+    check_local(q, k, v, sp=sp, causal=causal, balanced=balanced, mode=mode, enable_gqa=enable_gqa)
     s = default_scale(q.shape[-1], scale)
     if mode == "all_to_all":
-        return all_to_all_attention(q, k, v, mesh, axes, causal=causal, balanced=balanced, scale=s)
+        return all_to_all_attention(q, k, v, mesh, axes, causal=causal, balanced=balanced, scale=s,
+                                    enable_gqa=enable_gqa)
     impl = select_impl(q, block_impl)
     return RingAttention.apply(q, k, v, mesh, axes, causal, balanced, s, impl)
 

@@ -148,6 +148,16 @@ def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse:
     lse_acc.copy_(new)
 
 
+def expand_kv(t: torch.Tensor, rep: int) -> torch.Tensor:
+    """GQA: ``[B, H_kv, S, D]`` -> ``[B, H_kv*rep, S, D]`` (q head ``h`` uses K/V head ``h // rep``)."""
+    return t if rep == 1 else t.repeat_interleave(rep, dim=1)
+
+
+def reduce_kv(g: torch.Tensor, rep: int) -> torch.Tensor:
+    """The adjoint of :func:`expand_kv`: sum the gradients of each K/V head's ``rep`` copies."""
+    return g if rep == 1 else g.unflatten(1, (-1, rep)).sum(2)
+
+
 def default_scale(head_dim: int, scale: float | None) -> float:
     """``scale`` or ``1/sqrt(head_dim)`` (SDPA's default)."""
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)

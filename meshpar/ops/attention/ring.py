@@ -20,7 +20,7 @@ import torch
 from ...mesh import Mesh
 from ...mesh import collectives as C
 from . import trace
-from .block import BlockMeta, acc_dtype, block_backward, block_forward, merge_
+from .block import BlockMeta, acc_dtype, block_backward, block_forward, expand_kv, merge_, reduce_kv
 from .layout import step_blocks
 
 
@@ -35,7 +35,8 @@ def _chunk(s_loc: int, balanced: bool) -> int:
 class RingAttention(torch.autograd.Function):
     """``RingAttention.apply(q, k, v, mesh, axes, causal, balanced, scale, impl) -> out``.
 
-    ``q [B, H, Sq_loc, D]``, ``k, v [B, H, Sk_loc, D]`` local blocks, ``out`` like ``q``. Inputs
+    ``q [B, H, Sq_loc, D]``, ``k, v [B, H_kv, Sk_loc, D]`` local blocks (``H % H_kv == 0``: grouped-query
+    attention; K/V travel with ``H_kv`` heads and are repeated per block), ``out`` like ``q``. Inputs
     must already be validated (:func:`~meshpar.ops.attention.checks.check_local`); this function
     only communicates.
     """
@@ -45,6 +46,7 @@ class RingAttention(torch.autograd.Function):
         sp, me = mesh.size(axes), mesh.axis_index(axes)
         perm = _ring_perm(sp)
         sq, sk = q.shape[-2], k.shape[-2]
+        rep = q.shape[1] // k.shape[1]
         acc = acc_dtype(q.dtype)
         kv = torch.stack([k, v])
         out_acc = lse_acc = None
@@ -55,7 +57,8 @@ class RingAttention(torch.autograd.Function):
                 nxt = C.ppermute(kv, mesh, axes, perm, async_op=True) if step < sp - 1 else None
                 for blk in step_blocks(me, src, sp, causal=causal, balanced=balanced, q_len=sq, kv_len=sk):
                     trace.record("fwd", step, blk, _chunk(sq, balanced))
-                    o, l, meta = block_forward(q[:, :, blk.q], kv[0][:, :, blk.kv], kv[1][:, :, blk.kv],
+                    o, l, meta = block_forward(q[:, :, blk.q], expand_kv(kv[0][:, :, blk.kv], rep),
+                                               expand_kv(kv[1][:, :, blk.kv], rep),
                                                causal=blk.causal, scale=scale, impl=impl)
                     if out_acc is None:  # step 0, own block: covers every query row
                         out_acc, lse_acc, meta0 = o.to(acc).clone(), l.to(acc).clone(), meta
@@ -75,6 +78,7 @@ class RingAttention(torch.autograd.Function):
         sp, me = mesh.size(axes), mesh.axis_index(axes)
         perm = _ring_perm(sp)
         sq, sk = q.shape[-2], k.shape[-2]
+        rep = q.shape[1] // k.shape[1]
         acc = acc_dtype(q.dtype)
         dout = dout.contiguous()
         delta = (dout.to(acc) * out.to(acc)).sum(-1) if impl == "math" else None
@@ -89,12 +93,13 @@ class RingAttention(torch.autograd.Function):
                 for blk in step_blocks(me, src, sp, causal=causal, balanced=balanced, q_len=sq, kv_len=sk):
                     trace.record("bwd", step, blk, _chunk(sq, balanced))
                     d_q, d_k, d_v = block_backward(
-                        dout[:, :, blk.q], q[:, :, blk.q], kv[0][:, :, blk.kv], kv[1][:, :, blk.kv],
+                        dout[:, :, blk.q], q[:, :, blk.q], expand_kv(kv[0][:, :, blk.kv], rep),
+                        expand_kv(kv[1][:, :, blk.kv], rep),
                         out[:, :, blk.q], lse[:, :, blk.q], causal=blk.causal, scale=scale, impl=impl,
                         meta=meta0, delta=None if delta is None else delta[:, :, blk.q])
                     dq[:, :, blk.q] += d_q
-                    dkv[0][:, :, blk.kv] += d_k
-                    dkv[1][:, :, blk.kv] += d_v
+                    dkv[0][:, :, blk.kv] += reduce_kv(d_k, rep)
+                    dkv[1][:, :, blk.kv] += reduce_kv(d_v, rep)
                 if dkv_pending is not None:  # the accumulator that travelled with this K/V block
                     dkv += dkv_pending.wait()
                 dkv_pending = C.ppermute(dkv, mesh, axes, perm, async_op=True)

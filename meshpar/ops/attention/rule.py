@@ -50,7 +50,7 @@ def _sdpa_sequence_parallel(func, args, kwargs):
                             "P(None, None, 'sp', None)")
     if q.mesh != k.mesh or q.mesh != v.mesh:
         raise ShardingError(f"q, k, v live on different meshes ({q.mesh}, {k.mesh}, {v.mesh})")
-    check_call(a["attn_mask"], a["dropout_p"], a["enable_gqa"])
+    check_call(a["attn_mask"], a["dropout_p"])
     mesh, nd = q.mesh, len(q._gshape)
     if nd != 4:
         raise ShardingError(f"sequence-parallel attention expects q/k/v of shape [B, H, S, D], got global "
@@ -66,7 +66,8 @@ def _sdpa_sequence_parallel(func, args, kwargs):
         check_balanced_len(k._gshape[-2], sp, what="k/v sequence length (dim 2)")
     q, k, v = (reduce_unreduced(t) for t in (q, k, v))
     ql, kl, vl = (enter(t) for t in (q, k, v))
-    out = sp_attention(ql, kl, vl, mesh, sp_axes, causal=bool(a["is_causal"]), scale=a["scale"])
+    out = sp_attention(ql, kl, vl, mesh, sp_axes, causal=bool(a["is_causal"]), scale=a["scale"],
+                       enable_gqa=bool(a["enable_gqa"]))
     return wrap(out, P(*q.spec.entries), mesh, tuple(q._gshape[:-1]) + (v._gshape[-1],))
 
 

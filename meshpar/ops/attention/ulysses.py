@@ -18,7 +18,7 @@ from .layout import zigzag_index
 
 
 def all_to_all_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh: Mesh, axes, *, causal: bool,
-                         balanced: bool, scale: float) -> torch.Tensor:
+                         balanced: bool, scale: float, enable_gqa: bool = False) -> torch.Tensor:
     """Ulysses attention on validated local blocks; returns ``[B, H, Sq_loc, D]`` like ``q``."""
     sp = mesh.size(axes)
     with C.op_name("all_to_all_attention"):
@@ -33,7 +33,8 @@ def all_to_all_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh
             s = qh.shape[2]
             fwd = zigzag_index(s, sp, inverse=True, device=qh.device)
             qh, kh, vh = (t.index_select(2, fwd) for t in (qh, kh, vh))
-        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale)
+        gqa = {"enable_gqa": True} if kh.shape[1] != qh.shape[1] else {}
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale, **gqa)
         if balanced and causal:
             o = o.index_select(2, zigzag_index(o.shape[2], sp, device=o.device))
         return A.all_to_all(o, mesh, axes, split_dim=2, concat_dim=1)
