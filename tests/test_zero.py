@@ -103,3 +103,37 @@ def test_one_big_bucket(pool):
     want = dense("adamw", steps=2)
     for res in pool.run(train, (8,), ("data",), 2, "adamw", 2, 1, None, True, 25.0):
         assert_same(res, want)
+
+
+def freed_between_fwd_bwd(mesh):
+    import gc
+    import weakref
+    from meshpar.optim import gather
+    model = make_model()
+    zo = zero(make_opt("sgd", model.parameters()), mesh, stage=3, module=model)
+    refs = []
+    real_wait = gather.wait
+
+    def spy(z, b):
+        real_wait(z, b)
+        refs.append(weakref.ref(b.gathered))
+    gather.wait = spy
+    try:
+        x, y = batch(0, 0)
+        r = mesh.coord("data")
+        loss = ((model(x.chunk(2)[r]) - y.chunk(2)[r]) ** 2).mean()
+        gc.collect()
+        alive = [ref() is not None for ref in refs]
+        nbytes = sum(p.untyped_storage().nbytes() for p in model.parameters())
+        packed = zo._packed
+        loss.backward()
+        zo.step()
+    finally:
+        gather.wait = real_wait
+    return alive, nbytes, packed, len(refs)
+
+
+def test_stage3_frees_params_between_forward_and_backward(pool):
+    for alive, nbytes, packed, gathers in pool.run(freed_between_fwd_bwd, (2,), ("data",)):
+        assert gathers >= 3 and not any(alive) and nbytes == 0
+        assert packed >= 2  # layers 2 and 3 save weight.t(); weights saved for backward are kept as bucket coordinates, not storage

@@ -6,8 +6,11 @@ forward hook frees it again and hooks the module's outputs so that their gradien
 arrives just before the module's backward, re-gathers it (prefetching the unit before it). When
 all of the unit's gradients have arrived, the grads are reduce-scattered and the unit is freed.
 
-Freeing swaps the parameter's storage for an empty tensor (``.data``), so tensors autograd saved
-in forward see the re-gathered storage in backward.
+Tensors that autograd saves during a unit's forward and that alias a gathered bucket (the
+parameter itself, ``weight.t()``, a ShardedTensor's block view, ...) are packed by
+``saved_tensors_hooks`` as (bucket, offset, size, stride) instead of keeping the gathered storage
+alive; unpacking in backward re-gathers the bucket if needed. So the full parameters really are
+freed between forward and backward. Freeing swaps each parameter's storage for an empty tensor.
 """
 from __future__ import annotations
 
@@ -62,6 +65,32 @@ def install(zo: "ZeroOptimizer") -> list[Any]:
     return handles
 
 
+class _Saved:
+    """A saved tensor that aliases a gathered bucket, kept as coordinates into the bucket."""
+
+    __slots__ = ("bucket", "offset", "size", "stride")
+
+    def __init__(self, bucket: Bucket, t: torch.Tensor) -> None:
+        self.bucket, self.offset, self.size, self.stride = bucket, t.storage_offset(), t.size(), t.stride()
+
+
+def _pack(zo: "ZeroOptimizer", t: torch.Tensor):
+    if hasattr(t, "_local") or t.device.type == "meta":  # a ShardedTensor wrapper holds no storage itself
+        return t
+    b = zo._gathered_ptr.get(t.untyped_storage().data_ptr())
+    if b is None:
+        return t
+    zo._packed += 1
+    return _Saved(b, t)
+
+
+def _unpack(zo: "ZeroOptimizer", x):
+    if not isinstance(x, _Saved):
+        return x
+    wait(zo, x.bucket)
+    return x.bucket.gathered.as_strided(x.size, x.stride, x.offset)
+
+
 def start(zo: "ZeroOptimizer", b: Bucket) -> None:
     if b.gathered is None and b.gather_pending is None:
         with C.op_name(f"zero3 gather bucket {b.index}"):
@@ -75,16 +104,18 @@ def wait(zo: "ZeroOptimizer", b: Bucket) -> None:
     full = b.gather_pending.wait()
     b.gather_pending = None
     b.gathered = full
+    zo._gathered_ptr[full.untyped_storage().data_ptr()] = b
     for e in b.entries:
         local_of(e.param).data = full[e.offset:e.offset + e.numel].view(e.shape)
 
 
-def free(b: Bucket) -> None:
+def free(b: Bucket, zo: "ZeroOptimizer") -> None:
     if b.gather_pending is not None:  # complete the collective every rank issued
         b.gather_pending.wait()
         b.gather_pending = None
     if b.gathered is None:
         return
+    zo._gathered_ptr.pop(b.gathered.untyped_storage().data_ptr(), None)
     b.gathered = None
     for e in b.entries:
         loc = local_of(e.param)
@@ -104,16 +135,22 @@ def _gather_unit(zo: "ZeroOptimizer", i: int, nxt: int) -> None:
 
 def _pre_forward(zo: "ZeroOptimizer", i: int, module, args) -> None:
     _gather_unit(zo, i, i + 1)
+    if torch.is_grad_enabled():
+        ctx = torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack, zo), functools.partial(_unpack, zo))
+        ctx.__enter__()
+        zo._saved_ctx.append((i, ctx))
 
 
 def _post_forward(zo: "ZeroOptimizer", i: int, module, args, output) -> None:
+    if zo._saved_ctx and zo._saved_ctx[-1][0] == i:
+        zo._saved_ctx.pop()[1].__exit__(None, None, None)
     if torch.is_grad_enabled():
         leaves, _ = tree_flatten(output)
         for t in leaves:
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 t.register_hook(functools.partial(_pre_backward, zo, i))
     for b in zo._units[i][1]:
-        free(b)
+        free(b, zo)
 
 
 def _pre_backward(zo: "ZeroOptimizer", i: int, grad: torch.Tensor) -> None:
@@ -126,7 +163,7 @@ def _pre_backward(zo: "ZeroOptimizer", i: int, grad: torch.Tensor) -> None:
 def end_backward(zo: "ZeroOptimizer") -> None:
     """Free every unit (including prefetches nobody used)."""
     for b in zo.buckets:
-        free(b)
+        free(b, zo)
 
 
 invalidate = end_backward

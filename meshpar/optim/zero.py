@@ -112,6 +112,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._prepared = False
         self._exposed: set[int] = set()
         self._handles: list[Any] = []
+        self._gathered_ptr: dict[int, Bucket] = {}  # stage 3: storage of a gathered bucket -> bucket
+        self._saved_ctx: list[tuple[int, Any]] = []  # stage 3: saved-tensor hooks of running forwards
+        self._packed = 0  # stage 3: saved tensors kept as bucket coordinates (a debug statistic)
         for b in self.buckets:
             for e in b.entries:
                 p = e.param
@@ -219,7 +222,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         b.seen.add(id(p))
         if len(b.seen) == len(b.entries):
             if self.stage == 3:
-                gather.free(b)
+                gather.free(b, self)
             if self._sync:
                 self._launch_ready()
 
