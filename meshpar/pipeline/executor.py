@@ -37,6 +37,7 @@ import torch.nn as nn
 from ..errors import ShardingError
 from ..mesh import collectives as C
 from ..mesh.mesh import Mesh, current_mesh, normalize_axes
+from ..sharding import unshard
 from . import p2p
 from .blocks import build_chunk
 from .partition import partition as make_partition
@@ -167,9 +168,7 @@ class Pipeline(nn.Module):
         mesh, axis, m = self.mesh, self.pipe_axis, self.num_microbatches
         xs = self._split(inputs, "inputs")
         ys = self._split(targets, "targets")
-        first_here = any(self.is_first(c) for c in range(self.chunks))
-        last_here = any(self.is_last(c) for c in range(self.chunks))
-        if first_here and xs is None:
+        if any(self.is_first(c) for c in range(self.chunks)) and xs is None:
             raise ShardingError(f"pipe rank {self.pipe_rank} runs the first stage and needs inputs, got None")
         if any(c not in self._recv_meta for c in range(self.chunks) if not self.is_first(c)) or \
                 any(c not in self._sent_meta for c in range(self.chunks) if not self.is_last(c)):
@@ -178,33 +177,35 @@ class Pipeline(nn.Module):
         t_step = time.perf_counter()
         timings: list[tuple[Action, float]] = []
         pending_recv: dict[tuple[str, int, int], Any] = {}
-        sends: list[Any] = []
+        sends: list[Any] = []                           # gradient sends, waited for at the end
+        act_sends: dict[tuple[int, int], Any] = {}      # activation sends by (mb, chunk)
         saved_in: dict[tuple[int, int], torch.Tensor] = {}
         saved_out: dict[tuple[int, int], torch.Tensor] = {}
         losses: list[torch.Tensor] = []
         grad_work: list[tuple[list[torch.Tensor], Any]] = []
 
         def post_recv(a: Action) -> None:
-            if a.kind == RECV_F:
-                meta = self._recv_meta[a.chunk]
-                buf = torch.empty(meta.local_shape, dtype=meta.dtype, device=mesh.device)
-            else:  # the gradient has the shape of the activation this chunk sent
-                meta = self._sent_meta[a.chunk]
-                buf = torch.empty(meta.local_shape, dtype=meta.dtype, device=mesh.device)
             key = (a.kind, a.mb, a.chunk)
             if a.peer == self.pipe_rank:  # a link between two chunks of this rank: no communication
-                pending_recv[key] = (a, _Mailbox(mailbox, key))
-            else:
-                pending_recv[key] = (a, p2p.recv_async(buf, mesh, axis, a.peer))
+                pending_recv[key] = _Mailbox(mailbox, key)
+                return
+            # an activation has the cached shape of its link; a gradient that of the activation sent
+            meta = self._recv_meta[a.chunk] if a.kind == RECV_F else self._sent_meta[a.chunk]
+            buf = torch.empty(meta.local_shape, dtype=meta.dtype, device=mesh.device)
+            pending_recv[key] = p2p.recv_async(buf, mesh, axis, a.peer)
 
         def take_recv(kind: str, mb: int, chunk: int) -> torch.Tensor:
-            return pending_recv.pop((kind, mb, chunk))[1].wait()
+            return pending_recv.pop((kind, mb, chunk)).wait()
 
         mailbox: dict[tuple[str, int, int], torch.Tensor] = {}
 
         def send(a: Action, t: torch.Tensor) -> None:
             if a.peer != self.pipe_rank:
-                sends.append(p2p.send_async(t, mesh, axis, a.peer))
+                work = p2p.send_async(t, mesh, axis, a.peer)
+                if a.kind == SEND_F:  # released at this (mb, chunk)'s backward, see below
+                    act_sends[(a.mb, a.chunk)] = work
+                else:
+                    sends.append(work)
                 return
             s = self.virtual_stage(a.chunk) + (1 if a.kind == SEND_F else -1)
             mailbox[(RECV_F if a.kind == SEND_F else RECV_B, a.mb, s // self.pipe_size)] = t.detach().clone()
@@ -246,6 +247,10 @@ class Pipeline(nn.Module):
                     out.backward()
                 else:
                     g = take_recv(RECV_B, a.mb, a.chunk)
+                    # its gradient arrived, so the peer has the activation: free the send buffer
+                    work = act_sends.pop((a.mb, a.chunk), None)
+                    if work is not None:
+                        work.wait()
                     torch.autograd.backward(p2p.autograd_local(out), g)
                 leaf = saved_in.pop((a.mb, a.chunk))
                 if leaf is not None:
@@ -256,8 +261,8 @@ class Pipeline(nn.Module):
             elif a.kind == SEND_B:
                 g = saved_in.pop(("grad", a.mb, a.chunk))
                 send(a, g)
-        for s in sends:
-            s.wait()
+        for work in sends + list(act_sends.values()):
+            work.wait()
         for grads, work in grad_work:
             self._finish_grads(grads, work)
         if saved_out or pending_recv:
@@ -305,8 +310,6 @@ class Pipeline(nn.Module):
 
     def _scalar(self, loss: torch.Tensor) -> torch.Tensor:
         if p2p.is_sharded(loss):
-            from ..sharding import unshard
-
             loss = unshard(loss)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ShardingError(f"loss_fn must return a scalar tensor, got {getattr(loss, 'shape', type(loss))}")

@@ -20,6 +20,7 @@ import torch
 from ..errors import ShardingError
 from ..mesh import collectives as C
 from ..mesh.mesh import Mesh
+from ..sharding import ShardedTensor, from_local
 
 META_BYTES = 2048
 
@@ -35,8 +36,8 @@ class TensorMeta:
 
 
 def is_sharded(x: object) -> bool:
-    """True for a meshpar ShardedTensor (duck-typed: it has ``spec``, ``mesh`` and ``_local``)."""
-    return isinstance(x, torch.Tensor) and hasattr(x, "spec") and hasattr(x, "_local") and hasattr(x, "mesh")
+    """True for a meshpar ShardedTensor."""
+    return isinstance(x, ShardedTensor)
 
 
 def local_block(x: torch.Tensor) -> torch.Tensor:
@@ -79,8 +80,6 @@ def wrap_received(leaf: torch.Tensor, meta: TensorMeta, mesh: Mesh) -> torch.Ten
     """Re-wrap a received block: a ShardedTensor with the sender's spec, or the plain tensor."""
     if meta.spec is None:
         return leaf
-    from ..sharding import from_local  # the sharding layer sits left of pipeline
-
     return from_local(leaf, meta.spec, mesh, shape=meta.global_shape)
 
 
