@@ -59,6 +59,7 @@ def _run_sp(mesh, Q, K, V, dO, causal, mode, balanced, impl):
     return dict(o=o.detach(), dq=q.grad, dk=k.grad, dv=v.grad,
                 fwd=(cf.calls.get(("sp",), 0), cf.bytes.get(("sp",), 0.0)),
                 bwd=(cb.calls.get(("sp",), 0), cb.bytes.get(("sp",), 0.0)),
+                log=(list(cf.log), list(cb.log)),
                 work=(tr.work("fwd"), trb.work("bwd")))
 
 
@@ -185,6 +186,8 @@ def test_ring_matches_dense(pool, case):
     for o in out:  # one K/V block per ring step forward; K/V plus the dK/dV accumulator backward
         assert o["fwd"] == (sp - 1, (sp - 1) * kv_bytes)
         assert o["bwd"] == (2 * sp - 1, (2 * sp - 1) * kv_bytes)
+        for log in o["log"]:  # every ring step moves exactly one stacked K/V (or dK/dV) block
+            assert {e for e in log} == {("ppermute", ("sp",), float(kv_bytes))}
     works = [o["work"] for o in out]  # (fwd, bwd) in half chunk-pairs, see layout.Block.work
     n = 2 if balanced else 1
     if not causal:

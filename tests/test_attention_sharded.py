@@ -62,6 +62,16 @@ def test_sdpa_rule_heads_over_tp(pool):
             assert (got - r).abs().max() < 1e-9
 
 
+def test_sdpa_rule_sequence_over_two_axes(pool):
+    """The ring may span a tuple of mesh axes: sequence over ("tp", "sp") = 8 ranks, balanced."""
+    Q, K, V, dO = _globals(4, 1, 2, 32, 4)
+    ref = _ref(Q, K, V, dO, True)
+    for res in pool.run(_sharded_sdpa, (2, 4), ("tp", "sp"), Q, K, V, dO, True, "ring", True,
+                        (None, None, ("tp", "sp"), None)):
+        for got, r in zip(res, ref):
+            assert (got - r).abs().max() < 1e-9
+
+
 def _bad_rule(mesh, case):
     spec = P(None, None, "sp", None)
     x = torch.zeros(4, 4, 8, 2, dtype=torch.float64)
