@@ -61,8 +61,11 @@ class Mesh:
                 f"mesh {dict(zip(names, shape))} needs {size} ranks but the world has {world}; "
                 f"shrink an axis or launch {size} processes (torchrun --nproc-per-node {size})."
             )
+        self._size_cache: dict = {}
+        self._index_cache: dict = {}
         self.shape: tuple[int, ...] = shape
         self.names: Axes = names
+        self._hash = hash((shape, names))
         self.timeout_s = float(timeout_s)
         self.world_rank: int = dist.get_rank()
         self.contains_me: bool = self.world_rank < size
@@ -131,10 +134,15 @@ class Mesh:
 
     def size(self, axes: str | Sequence[str] | None = None) -> int:
         """Number of ranks along ``axes`` (all axes when None)."""
-        if axes is None:
-            return math.prod(self.shape)
-        axes = self.check_axes(axes)
-        return math.prod(self.shape[self.names.index(a)] for a in axes)
+        key = axes if isinstance(axes, (str, tuple)) or axes is None else tuple(axes)
+        n = self._size_cache.get(key)
+        if n is None:
+            if axes is None:
+                n = math.prod(self.shape)
+            else:
+                n = math.prod(self.shape[self.names.index(a)] for a in self.check_axes(axes))
+            self._size_cache[key] = n
+        return n
 
     def coord(self, axis: str) -> int:
         """This rank's coordinate along ``axis``."""
@@ -154,9 +162,13 @@ class Mesh:
 
     def axis_index(self, axes: str | Sequence[str]) -> int:
         """Linear index of this rank along ``axes`` taken major to minor in the given order."""
-        idx = 0
-        for a in self.check_axes(axes):
-            idx = idx * self.size(a) + self.coord(a)
+        key = axes if isinstance(axes, (str, tuple)) else tuple(axes)
+        idx = self._index_cache.get(key)
+        if idx is None:
+            idx = 0
+            for a in self.check_axes(axes):
+                idx = idx * self.size(a) + self.coord(a)
+            self._index_cache[key] = idx
         return idx
 
     def group(self, axes: str | Sequence[str]) -> dist.ProcessGroup | None:
@@ -204,10 +216,10 @@ class Mesh:
         return (self.shape, self.names)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Mesh) and self._key() == other._key()
+        return self is other or (isinstance(other, Mesh) and self._key() == other._key())
 
     def __hash__(self) -> int:
-        return hash(self._key())
+        return self._hash
 
     def __repr__(self) -> str:
         axes = ", ".join(f"{n}={s}" for n, s in zip(self.names, self.shape))

@@ -21,7 +21,9 @@ import torch
 
 from ..errors import ShardingError
 from ..mesh import Mesh
-from ..sharding.core import local_in, reduce_unreduced
+import functools
+
+from ..sharding.core import apply_plan, meta, operand_plan, reduce_unreduced
 from ..sharding.spec import P
 from ..sharding.tensor import ShardedTensor
 from ._util import gshape
@@ -32,6 +34,7 @@ class LocalPlan:
     out_spec: P
     out_shape: tuple[int, ...]
     operand_specs: list[P]          # the layout each operand is brought to (slicing replicated dims)
+    operand_plans: tuple = ()
 
 
 def _axes(x, d: int) -> tuple[str, ...]:
@@ -40,15 +43,28 @@ def _axes(x, d: int) -> tuple[str, ...]:
 
 def plan_local(operands: list, labels: list[str], out_labels: str) -> LocalPlan | None:
     """Blockwise plan for ``einsum(labels -> out_labels)`` or None when labels are split inconsistently."""
+    return _plan_local(tuple(meta(x) for x in operands), tuple(labels), out_labels)
+
+
+def _m_axes(m, d):
+    return m[1].axes_of(d) if m[0] == "S" else ()
+
+
+def _m_shape(m):
+    return m[2] if m[0] == "S" else m[1]
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_local(metas: tuple, labels: tuple, out_labels: str) -> LocalPlan | None:
     size: dict[str, int] = {}
     axes: dict[str, tuple[str, ...]] = {}
-    for x, lab in zip(operands, labels):
-        shp = gshape(x)
+    for m, lab in zip(metas, labels):
+        shp = _m_shape(m)
         for d, L in enumerate(lab):
             s = shp[d]
             if s != 1 or L not in size:
                 size[L] = max(size.get(L, 1), s)
-            ax = _axes(x, d)
+            ax = _m_axes(m, d)
             if ax:
                 if L in axes and axes[L] != ax:
                     return None
@@ -63,23 +79,23 @@ def plan_local(operands: list, labels: list[str], out_labels: str) -> LocalPlan 
     for L, ax in axes.items():
         if L not in out_labels:
             unred |= set(ax)
-    for x in operands:
-        if isinstance(x, ShardedTensor):
-            if set(x.spec.unreduced) & set(seen):
+    for m in metas:
+        if m[0] == "S":
+            if set(m[1].unreduced) & set(seen):
                 return None
-            unred |= set(x.spec.unreduced)
+            unred |= set(m[1].unreduced)
     out_spec = P(*[axes.get(L) for L in out_labels], unreduced=tuple(unred))
-    op_specs = [P(*[axes.get(L) if gshape(x)[d] == size[L] else None for d, L in enumerate(lab)])
-                for x, lab in zip(operands, labels)]
-    return LocalPlan(out_spec, tuple(size[L] for L in out_labels), op_specs)
+    op_specs = [P(*[axes.get(L) if _m_shape(m)[d] == size[L] else None for d, L in enumerate(lab)])
+                for m, lab in zip(metas, labels)]
+    used = out_spec.used_axes()
+    plans = tuple(operand_plan(m, spec, len(lab), used) for m, spec, lab in zip(metas, op_specs, labels))
+    return LocalPlan(out_spec, tuple(size[L] for L in out_labels), op_specs, plans)
 
 
 def run_local(fn, operands: list, labels: list[str], out_labels: str, mesh: Mesh, plan: LocalPlan):
     """Bring operands to the plan's layout (free slices, gradient sums) and run ``fn`` on blocks."""
     from ..sharding.core import wrap
-    used = plan.out_spec.used_axes()
-    locs = [local_in(x, spec, len(lab), mesh, used=used)
-            for x, lab, spec in zip(operands, labels, plan.operand_specs)]
+    locs = [apply_plan(x, p, mesh) for x, p in zip(operands, plan.operand_plans)]
     return wrap(fn(*locs), plan.out_spec, mesh, plan.out_shape)
 
 

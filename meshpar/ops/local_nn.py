@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..errors import ShardingError
 from ..sharding.core import local_in, reduce_unreduced, wrap
-from ..sharding.dispatch import register
+from ..sharding.dispatch import register, remember_unary
 from ..sharding.tensor import ShardedTensor
 from ._util import common_mesh, norm_dim
 
@@ -31,6 +31,9 @@ def _softmax(func, args, kwargs):
         raise ShardingError(f"{func.__name__} across dim {d}, which is split over {x.spec.axes_of(d)}; "
                             "reshard that dim to replicated, or use the vocab-parallel cross-entropy")
     rest = {k: v for k, v in kwargs.items() if k != "dim"}
+    if not rest and not x.spec.unreduced:
+        extra = args[2:]
+        remember_unary(func, args, kwargs, lambda l: func(l, d, *extra), x.spec, x._gshape)
     out = func(local_in(x, x.spec, nd, x.mesh), d, *args[2:], **rest)
     return wrap(out, x.spec, x.mesh, x._gshape)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ShardingError
-from ..sharding.dispatch import describe, register
+from ..sharding.dispatch import FAST, describe, register, signature
 from ..sharding.tensor import ShardedTensor
 from ._util import common_mesh, gshape
 from .contract import plan_local, reduce_extra_unreduced, run_local
@@ -74,7 +74,7 @@ def matmul_labels(nda: int, ndb: int) -> tuple[str, str, str]:
     return bl[nb - (nda - 2):] + m + k, bl[nb - (ndb - 2):] + k + n, bl + m + n
 
 
-def sharded_matmul(a, b):
+def sharded_matmul(a, b, fast_key=None):
     """``a @ b`` where at least one operand is a ShardedTensor."""
     sts = [x for x in (a, b) if isinstance(x, ShardedTensor)]
     mesh = common_mesh(sts)
@@ -82,6 +82,11 @@ def sharded_matmul(a, b):
     la, lb, lo = matmul_labels(len(gshape(a)), len(gshape(b)))
     plan = plan_local([a, b], [la, lb], lo)
     if plan is not None:
+        if not torch.is_grad_enabled() and fast_key is not None and not any(
+                isinstance(x, ShardedTensor) and x.spec.unreduced for x in (a, b)) and len(sts) == 2:
+            from .pointwise import blockwise_executor
+            FAST.remember(fast_key, blockwise_executor(torch.matmul, plan.operand_plans, plan.out_spec,
+                                                       plan.out_shape, mesh))
         return run_local(torch.matmul, [a, b], [la, lb], lo, mesh, plan)
     if isinstance(a, ShardedTensor) and isinstance(b, ShardedTensor):
         for algo in ALGORITHMS:
@@ -97,7 +102,7 @@ def sharded_matmul(a, b):
 
 @register(torch.matmul, T.matmul, T.__matmul__, torch.mm, T.mm, torch.bmm, T.bmm)
 def _matmul(func, args, kwargs):
-    return sharded_matmul(args[0], args[1])
+    return sharded_matmul(args[0], args[1], signature(func, args, kwargs))
 
 
 @register(T.__rmatmul__)
@@ -107,9 +112,23 @@ def _rmatmul(func, args, kwargs):
 
 @register(F.linear)
 def _linear(func, args, kwargs):
+    """``F.linear(x, w[out, in], b[out])``: one blockwise F.linear when the result is not unreduced."""
     x = args[0]
     w = kwargs.get("weight", args[1] if len(args) > 1 else None)
     b = kwargs.get("bias", args[2] if len(args) > 2 else None)
+    operands = [x, w] + ([b] if b is not None else [])
+    if len(gshape(w)) == 2 and not any(isinstance(o, ShardedTensor) and o.spec.unreduced for o in operands):
+        nx = len(gshape(x))
+        batch = "abcdefghij"[: nx - 1]
+        labels = [batch + "k", "nk"] + (["n"] if b is not None else [])
+        plan = plan_local(operands, labels, batch + "n")
+        if plan is not None and not plan.out_spec.unreduced:
+            mesh = common_mesh([o for o in operands if isinstance(o, ShardedTensor)])
+            key = signature(func, tuple(operands), {}) if all(isinstance(o, ShardedTensor) for o in operands) else None
+            if not torch.is_grad_enabled() and key is not None:
+                from .pointwise import blockwise_executor
+                FAST.remember(key, blockwise_executor(F.linear, plan.operand_plans, plan.out_spec, plan.out_shape, mesh))
+            return run_local(F.linear, operands, labels, batch + "n", mesh, plan)
     y = sharded_matmul(x, w.transpose(0, 1) if w.ndim == 2 else w)
     return y + b if b is not None else y
 

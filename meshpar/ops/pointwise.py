@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ShardingError
-from ..sharding.core import local_in, reduce_unreduced, wrap
-from ..sharding.dispatch import register
+import functools
+
+from ..sharding.core import apply_plan, local_in, meta, operand_plan, reduce_unreduced, wrap
+from ..sharding.dispatch import FAST, register, signature
 from ..sharding.spec import P
 from ..sharding.tensor import ShardedTensor
 from ._util import common_mesh, gshape
@@ -53,15 +55,15 @@ _LIKE_FACTORY = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full
                  torch.randn_like}
 
 
-def _out_axes(tensors, out_ndim: int) -> list[tuple[str, ...]]:
+def _out_axes(metas, out_ndim: int) -> list[tuple[str, ...]]:
     out = [()] * out_ndim
-    for t in tensors:
-        if not isinstance(t, ShardedTensor):
+    for m in metas:
+        if m[0] != "S":
             continue
-        shp = t._gshape
+        spec, shp = m[1], m[2]
         off = out_ndim - len(shp)
         for d in range(len(shp)):
-            ax = t.spec.axes_of(d)
+            ax = spec.axes_of(d)
             if not ax:
                 continue
             cur = out[off + d]
@@ -82,33 +84,71 @@ def _out_axes(tensors, out_ndim: int) -> list[tuple[str, ...]]:
     return out
 
 
-def elementwise(func, args: tuple, kwargs: dict, *, linear: str = "no"):
-    """Run ``func`` blockwise. ``linear``: "add" (sum of operands), "scale" (linear in one operand), "no"."""
-    tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
-    sts = [t for t in tensors if isinstance(t, ShardedTensor)]
-    mesh = common_mesh(sts)
-    unreds = [t.spec.unreduced for t in sts]
+@functools.lru_cache(maxsize=8192)
+def _plan(func, metas: tuple, linear: str, is_div_first: bool):
+    """(reduce flags, out spec, out shape, operand plans) for operands described by ``metas``."""
+    sts = [m for m in metas if m is not None and m[0] == "S"]
+    unreds = [m[1].unreduced for m in sts]
+    n_tensors = sum(1 for m in metas if m is not None)
     keep: tuple[str, ...] = ()
+    reduce = [False] * len(metas)
     if any(unreds):
         ok = False
         if linear == "add":
-            ok = all(u == unreds[0] for u in unreds) and len(sts) == len(tensors)
+            ok = all(u == unreds[0] for u in unreds) and len(sts) == n_tensors
         elif linear == "scale":
-            ok = sum(1 for u in unreds if u) == 1 and (isinstance(args[0], ShardedTensor) and args[0].spec.unreduced
-                                                        or func not in _DIV)
+            ok = sum(1 for u in unreds if u) == 1 and not (func in _DIV_SET and not is_div_first)
         if ok:
             keep = next(u for u in unreds if u)
         else:
-            args = tuple(reduce_unreduced(a) if isinstance(a, ShardedTensor) else a for a in args)
-            kwargs = {k: reduce_unreduced(v) if isinstance(v, ShardedTensor) else v for k, v in kwargs.items()}
-            tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
-    shapes = [tuple(gshape(t)) for t in tensors]
-    out_shape = torch.broadcast_shapes(*shapes) if shapes else torch.Size()
-    out_spec = P.from_axes(_out_axes(tensors, len(out_shape)), unreduced=keep)
-    nd = len(out_shape)
-    largs = tuple(local_in(a, out_spec, nd, mesh) for a in args)
-    lkw = {k: local_in(v, out_spec, nd, mesh) for k, v in kwargs.items()}
-    out = func(*largs, **lkw)
+            reduce = [m is not None and m[0] == "S" and bool(m[1].unreduced) for m in metas]
+            metas = tuple(("S", m[1].reduced(), m[2]) if r else m for m, r in zip(metas, reduce))
+    shapes = [m[2] if m[0] == "S" else m[1] for m in metas if m is not None]
+    out_shape = tuple(torch.broadcast_shapes(*shapes)) if shapes else ()
+    out_spec = P.from_axes(_out_axes([m for m in metas if m is not None], len(out_shape)), unreduced=keep)
+    plans = tuple(operand_plan(m, out_spec, len(out_shape)) for m in metas)
+    return tuple(reduce), out_spec, out_shape, plans
+
+
+_DIV_SET = frozenset(_DIV)
+
+
+def blockwise_executor(func, plans, out_spec: P, out_shape, mesh):
+    """A no-autograd executor: take blocks (free slices), run ``func``, wrap."""
+    steps = [None if p is None else tuple((d, mesh.size(ax), mesh.axis_index(ax)) for d, ax in p.slices)
+             for p in plans]
+
+    def run(args):
+        locs = []
+        for a, st in zip(args, steps):
+            if st is None:
+                locs.append(a)
+                continue
+            loc = a._local if type(a) is ShardedTensor else a
+            for d, n, i in st:
+                loc = loc.chunk(n, dim=d)[i]
+            locs.append(loc)
+        return ShardedTensor(func(*locs), out_spec, mesh, out_shape)
+    return run
+
+
+def elementwise(func, args: tuple, kwargs: dict, *, linear: str = "no"):
+    """Run ``func`` blockwise. ``linear``: "add" (sum of operands), "scale" (linear in one operand), "no"."""
+    keys = tuple(kwargs)
+    vals = tuple(args) + tuple(kwargs.values())
+    mesh = common_mesh([v for v in vals if isinstance(v, ShardedTensor)])
+    metas = tuple(meta(v) for v in vals)
+    first_unred = isinstance(vals[0], ShardedTensor) and bool(vals[0].spec.unreduced)
+    reduce, out_spec, out_shape, plans = _plan(func, metas, linear, first_unred)
+    if not torch.is_grad_enabled() and not any(reduce) and not kwargs:
+        FAST.remember(signature(func, args, kwargs), blockwise_executor(func, plans, out_spec, out_shape, mesh))
+    locs = []
+    for v, r, p in zip(vals, reduce, plans):
+        if r:
+            v = reduce_unreduced(v)
+        locs.append(apply_plan(v, p, mesh))
+    n = len(args)
+    out = func(*locs[:n], **dict(zip(keys, locs[n:])))
     return wrap(out, out_spec, mesh, out_shape)
 
 

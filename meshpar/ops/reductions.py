@@ -14,7 +14,7 @@ import torch
 
 from ..mesh import collectives as C
 from ..sharding.core import enter, reduce_unreduced, wrap
-from ..sharding.dispatch import register
+from ..sharding.dispatch import register, remember_unary
 from ..sharding.spec import P
 from ..sharding.tensor import ShardedTensor
 from ._util import norm_dims
@@ -55,8 +55,18 @@ def _sum(func, args, kwargs):
     red_axes = tuple(a for d in dims for a in x.spec.axes_of(d))
     unred = tuple(sorted(set(x.spec.unreduced) | set(red_axes)))
     out_spec = _out_spec(x.spec, nd, dims, keepdim, unred)
-    loc = enter(x, ())
     is_mean = func in (torch.mean, T.mean)
+    denom = math.prod(x._gshape[d] for d in dims)
+    full = dims == tuple(range(nd)) and not keepdim
+
+    def local_fn(loc):
+        if full:
+            out = loc.sum(dtype=dtype) if dtype is not None else loc.sum()
+        else:
+            out = loc.sum(dim=dims, keepdim=keepdim, dtype=dtype) if dims else loc.clone()
+        return out / denom if is_mean else out
+    remember_unary(func, args, kwargs, local_fn, out_spec, _out_shape(x._gshape, dims, keepdim))
+    loc = enter(x, ())
     if dims == tuple(range(nd)) and not keepdim:
         out = loc.sum(dtype=dtype) if dtype is not None else loc.sum()
     else:

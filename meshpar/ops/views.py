@@ -14,7 +14,7 @@ import torch
 
 from ..errors import ShardingError
 from ..sharding.core import enter, wrap
-from ..sharding.dispatch import register
+from ..sharding.dispatch import register, remember_unary
 from ..sharding.spec import P
 from ..sharding.tensor import ShardedTensor
 from ._util import common_mesh, norm_dim
@@ -113,15 +113,20 @@ def _reshape(func, args, kwargs):
         new = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)) else list(rest)
         new = _infer_shape(new, numel)
     spec = reshape_spec(shape, x.spec, new, x.mesh)
-    loc = enter(x).reshape(_local_shape(new, spec, x.mesh))
+    lshape = _local_shape(new, spec, x.mesh)
+    remember_unary(func, args, kwargs, lambda l: l.reshape(lshape), spec, new)
+    loc = enter(x).reshape(lshape)
     return wrap(loc, spec, x.mesh, new)
 
 
-def _permute(x: ShardedTensor, perm: Sequence[int]) -> ShardedTensor:
+def _permute(x: ShardedTensor, perm: Sequence[int], call=None) -> ShardedTensor:
     nd = len(x._gshape)
     perm = [norm_dim(p, nd) for p in perm]
     spec = P(*[x.spec.axes_of(p) or None for p in perm], unreduced=x.spec.unreduced)
-    return wrap(enter(x).permute(perm), spec, x.mesh, [x._gshape[p] for p in perm])
+    shape = [x._gshape[p] for p in perm]
+    if call is not None:
+        remember_unary(*call, lambda l: l.permute(perm), spec, shape)
+    return wrap(enter(x).permute(perm), spec, x.mesh, shape)
 
 
 @register(T.permute, torch.permute)
@@ -130,7 +135,7 @@ def _perm(func, args, kwargs):
     perm = kwargs.get("dims", args[1:] if len(args) > 2 else args[1])
     if isinstance(perm, int):
         perm = args[1:]
-    return _permute(x, list(perm))
+    return _permute(x, list(perm), (func, args, kwargs))
 
 
 @register(T.transpose, torch.transpose, T.swapaxes, torch.swapaxes, T.swapdims, torch.swapdims)
@@ -141,14 +146,14 @@ def _transpose(func, args, kwargs):
     b = norm_dim(kwargs.get("dim1", args[2]), nd)
     perm = list(range(nd))
     perm[a], perm[b] = perm[b], perm[a]
-    return _permute(x, perm)
+    return _permute(x, perm, (func, args, kwargs))
 
 
 @register(T.t, torch.t)
 def _t(func, args, kwargs):
     x = args[0]
     nd = len(x._gshape)
-    return _permute(x, [1, 0] if nd == 2 else list(range(nd)))
+    return _permute(x, [1, 0] if nd == 2 else list(range(nd)), (func, args, kwargs))
 
 
 @register(T.T.__get__, T.mT.__get__)

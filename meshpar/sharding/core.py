@@ -15,6 +15,8 @@ data-parallel reducer to sum in buckets.
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
@@ -67,9 +69,9 @@ def grad_block(g, spec: P, mesh: Mesh, shape) -> torch.Tensor:
 
 def enter(x: ShardedTensor, vary: Iterable[str] = ()) -> torch.Tensor:
     """``x``'s block as a plain tensor in the autograd graph; backward sums its gradient over ``vary``."""
-    vary = tuple(a for a in vary if x.mesh.size(a) > 1)
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not torch.is_grad_enabled() or not x.requires_grad:
         return x._local
+    vary = tuple(a for a in vary if x.mesh.size(a) > 1)
     return _Enter.apply(x, vary)
 
 
@@ -114,58 +116,82 @@ def reduce_unreduced(x: ShardedTensor) -> ShardedTensor:
     return wrap(local, x.spec.reduced(), x.mesh, x._gshape)
 
 
-def local_in(x, out_spec: P, out_ndim: int, mesh: Mesh, slice_dims: bool = True,
-             used: Iterable[str] | None = None) -> torch.Tensor:
-    """The block of operand ``x`` (ShardedTensor, plain tensor or scalar) that an elementwise
-    computation producing ``out_spec`` needs, with the right backward.
+@dataclass(frozen=True)
+class OperandPlan:
+    """How one operand reaches a rule's layout: sum its gradient over ``vary``, then slice ``slices``."""
+    vary: tuple[str, ...]
+    slices: tuple[tuple[int, tuple[str, ...]], ...]
 
-    ``x`` is right-aligned to ``out_ndim`` dims (broadcasting). Where the output is split over
-    axes that ``x`` is replicated over: a real dimension is sliced (free), a broadcast one makes
-    ``x`` vary (its gradient is summed). ``used`` (default: the axes ``out_spec`` splits or leaves
-    unreduced) are the axes over which the computation's per-rank results differ.
+
+def meta(x):
+    """A hashable description of an operand's layout (None for non-tensors)."""
+    if isinstance(x, ShardedTensor):
+        return ("S", x.spec, tuple(x._gshape))
+    if isinstance(x, torch.Tensor):
+        return ("T", tuple(x.shape))
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def operand_plan(m, out_spec: P, out_ndim: int, used: frozenset | None = None) -> OperandPlan | None:
+    """Plan for an operand described by ``meta`` ``m`` feeding a result laid out as ``out_spec``.
+
+    ``m`` is right-aligned to ``out_ndim`` dims (broadcasting). Where the output is split over
+    axes that the operand is replicated over: a real dimension is sliced (free), a broadcast one
+    makes the operand vary (its gradient is summed). ``used`` (default: the axes ``out_spec``
+    splits or leaves unreduced) are the axes over which the per-rank results differ.
     """
-    if not isinstance(x, torch.Tensor):
-        return x
+    if m is None:
+        return None
     used = set(out_spec.used_axes()) if used is None else set(used)
-    if isinstance(x, ShardedTensor):
-        have = set(x.spec.used_axes())
-        xdim = len(x._gshape)
-        xspec = x.spec
-        shape = x._gshape
+    if m[0] == "S":
+        xspec, shape = m[1], m[2]
+        have = set(xspec.used_axes())
     else:
-        have = set()
-        xdim = x.ndim
-        xspec = P()
-        shape = x.shape
+        xspec, shape, have = P(), m[1], set()
+    xdim = len(shape)
     off = out_ndim - xdim
-    slices: list[tuple[int, tuple[str, ...]]] = []
-    sliced_axes: set[str] = set()
-    if slice_dims:
-        for d in range(xdim):
-            oax = out_spec.axes_of(off + d)
-            if not oax or shape[d] == 1:
-                continue
-            xax = xspec.axes_of(d)
-            if xax == oax:
-                continue
-            if xax and oax[: len(xax)] == xax:
-                extra = oax[len(xax):]
-            elif not xax:
-                extra = oax
-            else:
-                from ..errors import ShardingError
-                raise ShardingError(f"operand spec {xspec} dim {d} is split over {xax} but the result needs {oax}; "
-                                    f"reshard the operand to match")
-            slices.append((d, extra))
-            sliced_axes |= set(extra)
-    vary = tuple(a for a in sorted(used - have - sliced_axes))
+    slices = []
+    sliced: set[str] = set()
+    for d in range(xdim):
+        oax = out_spec.axes_of(off + d)
+        if not oax or shape[d] == 1:
+            continue
+        xax = xspec.axes_of(d)
+        if xax == oax:
+            continue
+        if xax and oax[: len(xax)] == xax:
+            extra = oax[len(xax):]
+        elif not xax:
+            extra = oax
+        else:
+            from ..errors import ShardingError
+            raise ShardingError(f"operand spec {xspec} dim {d} is split over {xax} but the result needs {oax}; "
+                                f"reshard the operand to match")
+        slices.append((d, tuple(extra)))
+        sliced |= set(extra)
+    return OperandPlan(tuple(sorted(used - have - sliced)), tuple(slices))
+
+
+def apply_plan(x, plan: OperandPlan | None, mesh: Mesh):
+    """The operand's block per ``plan`` (autograd-aware)."""
+    if plan is None:
+        return x
     if isinstance(x, ShardedTensor):
-        loc = enter(x, vary)
+        loc = enter(x, plan.vary)
     else:
         loc = x
-        if vary and torch.is_grad_enabled() and x.requires_grad:
+        if plan.vary and torch.is_grad_enabled() and x.requires_grad:
             from ..mesh.autograd import pvary
-            loc = pvary(loc, mesh, vary)
-    for d, extra in slices:
+            loc = pvary(loc, mesh, plan.vary)
+    for d, extra in plan.slices:
         loc = slice_block(loc, mesh, extra, d)
     return loc
+
+
+def local_in(x, out_spec: P, out_ndim: int, mesh: Mesh, used: Iterable[str] | None = None) -> torch.Tensor:
+    """The block of operand ``x`` (ShardedTensor, plain tensor or scalar) that a computation producing
+    ``out_spec`` needs, with the right backward (see :func:`operand_plan`)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    return apply_plan(x, operand_plan(meta(x), out_spec, out_ndim, None if used is None else frozenset(used)), mesh)

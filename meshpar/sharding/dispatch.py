@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ShardingError
-from ..mesh.collectives import op_name
+from ..mesh.collectives import _CURRENT_OP as _OP
 from .tensor import ShardedTensor
 
 Rule = Callable[[Callable, tuple, dict], Any]
@@ -73,14 +73,85 @@ def no_rule_error(func, args, kwargs, why: str = "") -> ShardingError:
           "global tensor, or meshpar.shard_map(f, mesh, in_specs, out_specs) to write the local computation yourself.")
 
 
+class FastPaths:
+    """Memo of compiled executors for calls that need no autograd and no communication.
+
+    A rule that planned such a call may :meth:`remember` an executor under the call's
+    :func:`signature` (the func, each operand's spec and global shape, the other arguments'
+    values); the next call with the same signature skips planning. Pure memoisation: an entry
+    is a function of its key only.
+    """
+
+    def __init__(self, limit: int = 16384) -> None:
+        self._table: dict = {}
+        self._limit = limit
+
+    def get(self, key):
+        return self._table.get(key)
+
+    def remember(self, key, executor) -> None:
+        if key is not None and len(self._table) < self._limit:
+            self._table[key] = executor
+
+
+FAST = FastPaths()
+_SCALARS = (int, float, bool, str, type(None), torch.dtype)
+
+
+def signature(func: Callable, args: tuple, kwargs: dict):
+    """A hashable key for a call, or None when an argument can't be keyed."""
+    sig = [func]
+    if kwargs:
+        for k in sorted(kwargs):
+            v = kwargs[k]
+            if type(v) not in _SCALARS:
+                return None
+            sig.append((k, v))
+    for a in args:
+        t = type(a)
+        if t is ShardedTensor:
+            sig.append((a.spec, a._gshape, a.mesh))
+        elif t in _SCALARS:
+            sig.append((t, a))
+        else:
+            return None
+    return tuple(sig)
+
+
 def handle_torch_function(func: Callable, args: tuple, kwargs: dict):
     rules = REGISTRY.rules_for(func)
     if rules:
-        with op_name(getattr(func, "__name__", str(func))):
+        if not torch.is_grad_enabled():
+            key = signature(func, args, kwargs)
+            ex = FAST.get(key) if key is not None else None
+            if ex is not None:
+                return ex(args)
+        tok = _OP.set(getattr(func, "__name__", "op"))
+        try:
             for rule in rules:
                 out = rule(func, args, kwargs)
                 if out is not NotImplemented:
                     return out
+        finally:
+            _OP.reset(tok)
         raise no_rule_error(func, args, kwargs)
     with torch._C.DisableTorchFunctionSubclass():
         return func(*args, **kwargs)
+
+
+def remember_unary(func: Callable, args: tuple, kwargs: dict, local_fn: Callable, spec, shape) -> None:
+    """Memoise ``out = local_fn(x._local)`` wrapped as (spec, shape) for this call's signature (no autograd)."""
+    if torch.is_grad_enabled():
+        return
+    key = signature(func, args, kwargs)
+    if key is None:
+        return
+    x = args[0]
+    mesh = x.mesh
+    shape = tuple(shape)
+    FAST.remember(key, lambda a: ShardedTensor(local_fn(a[0]._local), spec, mesh, shape))
+
+
+from .tensor import _HANDLER  # noqa: E402
+
+_HANDLER[0] = handle_torch_function

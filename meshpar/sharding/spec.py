@@ -32,7 +32,7 @@ def _norm_entry(e) -> Entry:
 class P:
     """An immutable, hashable partition spec."""
 
-    __slots__ = ("entries", "unreduced")
+    __slots__ = ("entries", "unreduced", "_hash")
 
     def __init__(self, *entries: Entry, unreduced: Iterable[str] = ()):
         ents = tuple(_norm_entry(e) for e in entries)
@@ -40,6 +40,7 @@ class P:
             ents = ents[:-1]
         object.__setattr__(self, "entries", ents)
         object.__setattr__(self, "unreduced", tuple(sorted(set(unreduced))))
+        object.__setattr__(self, "_hash", hash((ents, self.unreduced)))
 
     def __setattr__(self, *_):
         raise AttributeError("P is immutable")
@@ -59,10 +60,11 @@ class P:
 
     # value semantics --------------------------------------------------------
     def __eq__(self, other) -> bool:
-        return isinstance(other, P) and self.entries == other.entries and self.unreduced == other.unreduced
+        return self is other or (isinstance(other, P) and self._hash == other._hash and self.entries == other.entries
+                                 and self.unreduced == other.unreduced)
 
     def __hash__(self) -> int:
-        return hash((self.entries, self.unreduced))
+        return self._hash
 
     def __repr__(self) -> str:
         body = ", ".join(repr(e) for e in self.entries)

@@ -48,16 +48,15 @@ class ShardedTensor(torch.Tensor):
         r._local = local
         r.spec = spec
         r.mesh = mesh
-        r._gshape = torch.Size(shape)
+        r._gshape = shape if type(shape) is torch.Size else torch.Size(shape)
         return r
 
-    def __init__(self, *args, **kwargs):  # signature of __new__; nothing else to do
-        super().__init__()
+    def __init__(self, *args, **kwargs):  # everything happens in __new__
+        pass
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        from .dispatch import handle_torch_function
-        return handle_torch_function(func, args, kwargs or {})
+        return _HANDLER[0](func, args, kwargs or {})
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -77,6 +76,10 @@ class ShardedTensor(torch.Tensor):
         grad = ", requires_grad=True" if self.requires_grad else ""
         return (f"ShardedTensor(shape={tuple(self._gshape)}, spec={self.spec}, mesh={self.mesh}, "
                 f"dtype={self.dtype}{grad}, local={self._local!r})")
+
+
+# filled by meshpar.sharding.dispatch at import (breaks the import cycle tensor <-> dispatch)
+_HANDLER: list = [None]
 
 
 def is_sharded(x) -> bool:
