@@ -10,8 +10,9 @@ backward pass has the two matching all-reduces). No hidden-sized tensor is commu
 ``x``'s other dimensions (batch, data, sequence), as any replicated parameter's must be.
 
 Padding: when ``H`` was padded to a multiple of the shard count, pass ``true_size`` (the real
-hidden size). Padded positions must hold zeros; the statistics count only real positions and the
-padded outputs are zero, so results equal the dense op on the real part.
+hidden size). Padded positions are masked out of the statistics (values and gradients: the
+input's padded gradient is exactly zero) and the padded outputs are zero, so results equal the
+dense op on the real part.
 
 ``F.layer_norm`` and ``F.rms_norm`` on ShardedTensors are registered with the dispatcher
 (normalising the last dimension only).
@@ -38,31 +39,44 @@ def _stats_sum(t: torch.Tensor, mesh: Mesh | None, axes: tuple[str, ...]) -> tor
     return pvary(psum(s, mesh, axes), mesh, axes) if axes else s
 
 
+def _real_mask(x: torch.Tensor, true_size: int, offset: int) -> torch.Tensor | None:
+    """1 on real hidden positions of a block starting at global ``offset``, 0 on padding (None if no padding)."""
+    h = x.shape[-1]
+    if offset + h <= true_size:
+        return None
+    return (torch.arange(offset, offset + h, device=x.device) < true_size).to(x.dtype)
+
+
 def layer_norm_local(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                      true_size: int, mesh: Mesh | None = None, axes: tuple[str, ...] = (),
                      offset: int = 0) -> torch.Tensor:
     """LayerNorm of a block ``x [..., h]`` whose hidden slice starts at global ``offset``.
 
-    ``true_size`` real hidden positions exist globally; positions ``>= true_size`` are padding.
+    ``true_size`` real hidden positions exist globally; positions ``>= true_size`` are padding:
+    they are masked out of the statistics (value and gradient) and produce zeros.
     """
-    h = x.shape[-1]
+    real = _real_mask(x, true_size, offset)
+    if real is not None:
+        x = x * real
     mean = _stats_sum(x, mesh, axes) / true_size
     xc = x - mean
-    if offset + h > true_size:
-        real = torch.arange(offset, offset + h, device=x.device) < true_size
-        xc = xc * real.to(x.dtype)
+    if real is not None:
+        xc = xc * real
     var = _stats_sum(xc * xc, mesh, axes) / true_size
     y = xc * torch.rsqrt(var + eps)
     if weight is not None:
         y = y * weight
     if bias is not None:
         y = y + bias
-    return y
+    return y if real is None else y * real
 
 
 def rms_norm_local(x: torch.Tensor, weight: torch.Tensor | None, eps: float, true_size: int,
-                   mesh: Mesh | None = None, axes: tuple[str, ...] = ()) -> torch.Tensor:
-    """RMSNorm of a block ``x [..., h]`` (padded positions hold zeros and stay zero)."""
+                   mesh: Mesh | None = None, axes: tuple[str, ...] = (), offset: int = 0) -> torch.Tensor:
+    """RMSNorm of a block ``x [..., h]`` at hidden ``offset`` (padding masked out, outputs zero there)."""
+    real = _real_mask(x, true_size, offset)
+    if real is not None:
+        x = x * real
     ms = _stats_sum(x * x, mesh, axes) / true_size
     y = x * torch.rsqrt(ms + eps)
     return y * weight if weight is not None else y
@@ -126,9 +140,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     if not isinstance(x, ShardedTensor):
         n = x.shape[-1] if true_size is None else true_size
         return rms_norm_local(x, weight, eps, n)
-    x, axes, n, _ = _prepare(x, "rms_norm", true_size)
+    x, axes, n, off = _prepare(x, "rms_norm", true_size)
     w = _param_local(weight, x, "weight", axes)
-    y = rms_norm_local(enter(x), w, eps, n, x.mesh, axes)
+    y = rms_norm_local(enter(x), w, eps, n, x.mesh, axes, off)
     return wrap(y, x.spec, x.mesh, x._gshape)
 
 
