@@ -29,8 +29,12 @@ def _run_example(mesh, mode: str, out: str):
     ("2d", (1, 2, 2), ("data", "x", "y")),
     ("1d", (1, 4), ("data", "tp")),
     ("dense", (4,), ("data",)),
+    pytest.param("3d", (1, 2, 2, 2), ("data", "i", "j", "k"), marks=pytest.mark.slow),
+    pytest.param("2.5d", (1, 2, 2, 2), ("data", "d", "x", "y"), marks=pytest.mark.slow),
 ])
 def test_example_loss_falls(pool, tmp_path, mode, shape, names):
+    if pool.world_size < 8 and len(shape) == 4:
+        pytest.skip("needs an 8-rank pool (MESHPAR_TEST_WORLD=8)")
     res = pool.run(_run_example, shape, names, mode, str(tmp_path / mode))
     losses = res[0]["losses"]
     assert len(losses) == 12
