@@ -1,5 +1,7 @@
-"""Engine/Trainer on the gloo pool: data parallel equals dense, exact resume, two layouts in one program."""
+"""Engine/Trainer on the gloo pool: exact resume, two layouts in one program, pipelines through initialize."""
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn as nn
@@ -69,3 +71,32 @@ def test_two_layouts_in_one_program(pool):
     for names_a, names_b, la, lb, dense in pool.run(_two_layouts, None):
         assert names_a == ("data", "x", "y") and names_b == ("data", "tp")
         assert abs(la - dense) < 1e-10 and abs(lb - dense) < 1e-10
+
+
+def _pipeline_run(mesh):
+    torch.manual_seed(11)
+    blocks = [nn.Linear(6, 16, dtype=torch.float64), nn.Tanh(), nn.Linear(16, 16, dtype=torch.float64), nn.Tanh(),
+              nn.Linear(16, 1, dtype=torch.float64)]
+    ref = copy.deepcopy(nn.Sequential(*blocks))  # the same model, unpipelined, as the reference
+    crit = lambda out, y: ((out.squeeze(1) - y) ** 2).mean()  # noqa: E731
+    ds = _data()
+    x, y = ds.tensors[0][:8].double(), ds.tensors[1][:8].double()
+    ctx = context_for(dict(parallel=dict(pipeline=2, data=1), pipeline_schedule=dict(num_microbatches=4)), mesh=mesh)
+    engine, *_ = initialize(nn.Sequential(*blocks), lambda p: torch.optim.SGD(p, lr=0.1), crit, ctx=ctx)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    got, want = [], []
+    for _ in range(3):
+        engine.zero_grad()
+        got.append(float(engine.train_batch((x, y))))
+        engine.step()
+        ref_opt.zero_grad()
+        loss = crit(ref(x), y)
+        loss.backward()
+        ref_opt.step()
+        want.append(float(loss))
+    return got, want
+
+
+def test_pipeline_through_initialize(pool):
+    for got, want in pool.run(_pipeline_run, (2, 1), ("pipe", "data")):
+        assert len(got) == 3 and max(abs(a - b) for a, b in zip(got, want)) < 1e-12, (got, want)

@@ -41,8 +41,9 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, optimizer: Any, criterion: Callable | None, ctx: Context,
-                 lr_scheduler: Any = None):
+                 lr_scheduler: Any = None, pipeline: Any = None):
         self.model, self.optimizer, self._criterion, self.ctx = model, optimizer, criterion, ctx
+        self.pipeline = pipeline  # a meshpar.pipeline.Pipeline when parallel.pipeline > 1
         self.lr_scheduler = lr_scheduler
         self.accum = ctx.config.gradient_accumulation
         self.micro = 0          # micro-batches seen since the last optimizer step
@@ -68,6 +69,9 @@ class Engine:
             self.optimizer.zero_grad(set_to_none=True)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.pipeline is not None:
+            raise RuntimeError("with parallel.pipeline > 1 a step runs the whole schedule: use "
+                               "engine.train_batch((x, y)) (forward and backward of every micro-batch)")
         return self.model(*args, **kwargs)
 
     def criterion(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -102,6 +106,10 @@ class Engine:
     def train_batch(self, batch: Any) -> torch.Tensor:
         """One micro-batch ``(x, y)``: forward, criterion, backward. Returns the (unscaled) loss."""
         x, y = batch
+        if self.pipeline is not None:
+            self.micro += 1
+            loss = self.pipeline.step(x, y)  # forward + backward of every micro-batch, loss on every rank
+            return loss.detach()
         loss = self.criterion(self(x), y)
         self.backward(loss)
         return loss.detach()
@@ -123,6 +131,30 @@ class Engine:
         return load_engine_state(self, path)
 
 
+def _pipeline(model: Any, criterion: Callable | None, ctx: Context):
+    """A :class:`meshpar.pipeline.Pipeline` over the config's ``pipe`` axis (the model is a block list)."""
+    from ..pipeline import Pipeline
+
+    if isinstance(model, (nn.Sequential, nn.ModuleList)):
+        blocks = list(model)
+    elif isinstance(model, (list, tuple)):
+        blocks = list(model)
+    else:
+        raise ConfigError("parallel.pipeline > 1 needs the model as a sequence of blocks (a list, nn.Sequential or "
+                          "nn.ModuleList, or a factory returning one), each mapping one tensor to one tensor")
+    if criterion is None:
+        raise ConfigError("parallel.pipeline > 1 needs a criterion: the last stage applies it per micro-batch")
+    if ctx.config.gradient_accumulation != 1:
+        raise ConfigError("with parallel.pipeline > 1 use pipeline_schedule.num_microbatches instead of "
+                          "gradient_accumulation")
+    opts = dict(ctx.config.get("pipeline_schedule") or {})
+    opts.setdefault("schedule", "1f1b")
+    pipe = Pipeline(blocks, ctx.mesh, criterion, schedule=opts.pop("schedule"),
+                    num_microbatches=int(opts.pop("num_microbatches", ctx.config.parallel.pipeline)),
+                    data_axes=None, **opts)
+    return pipe.to(ctx.device)
+
+
 def initialize(model: ModelLike, optimizer: OptimLike, criterion: Callable | None = None,
                train_dataloader: Any = None, test_dataloader: Any = None, lr_scheduler: Any = None, *,
                ctx: Context) -> tuple[Engine, Any, Any, Any]:
@@ -140,11 +172,11 @@ def initialize(model: ModelLike, optimizer: OptimLike, criterion: Callable | Non
 
     cfg = ctx.config
     par = cfg.parallel
-    if par.pipeline > 1:
-        raise ConfigError("parallel.pipeline > 1: the pipeline engine is not wired into initialize yet; "
-                          "use meshpar.pipeline.Pipeline directly, or set pipeline=1")
-    if not isinstance(model, nn.Module):
+    if not isinstance(model, nn.Module) and callable(model) and not isinstance(model, (list, tuple)):
         model = model(ctx)
+    pipe = None
+    if par.pipeline > 1:
+        model = pipe = _pipeline(model, criterion, ctx)
     model = model.to(ctx.device)
     sharded = any(hasattr(p, "spec") for p in model.parameters())
     if par.tensor_mode is not None and par.tensor_size > 1 and not sharded:
@@ -155,12 +187,18 @@ def initialize(model: ModelLike, optimizer: OptimLike, criterion: Callable | Non
         raise ConfigError("parallel.sequence > 1 needs a model whose activations are sharded over 'sp'")
     if not isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer(model.parameters())
+    elif pipe is not None:
+        raise ConfigError("with parallel.pipeline > 1 pass the optimizer as a factory, e.g. "
+                          "optimizer=lambda params: torch.optim.AdamW(params, lr=...): each rank keeps only its stages")
     opt = zero(optimizer, ctx.mesh, stage=cfg.zero_stage, axis="data", module=model,
                compute_dtype=_DTYPES[cfg.precision], max_grad_norm=cfg.clip_grad_norm,
                **cfg.section("zero").get("options", {}))
+    if pipe is not None:
+        pipe.no_sync = opt.no_sync  # the ZeRO wrapper reduces once, after the step's last backward
     if lr_scheduler is not None and callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
         lr_scheduler = lr_scheduler(opt)
-    engine = Engine(model, opt, criterion, ctx, lr_scheduler)
-    ctx.logger.info(f"initialize: mode {par.mode}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+    engine = Engine(model, opt, criterion, ctx, lr_scheduler, pipeline=pipe)
+    ctx.logger.info(f"initialize: mode {par.mode}{f', pipeline {par.pipeline} stages' if pipe else ''}, "
+                    f"{sum(p.numel() for p in model.parameters()):,} parameters (this rank), "
                     f"{opt!r}, accumulation {cfg.gradient_accumulation}, clip {cfg.clip_grad_norm}")
     return engine, train_dataloader, test_dataloader, lr_scheduler
