@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 import torch
 from torch import nn
 
@@ -137,3 +138,12 @@ def test_stage3_frees_params_between_forward_and_backward(pool):
     for alive, nbytes, packed, gathers in pool.run(freed_between_fwd_bwd, (2,), ("data",)):
         assert gathers >= 3 and not any(alive) and nbytes == 0
         assert packed >= 2  # layers 2 and 3 save weight.t(); weights saved for backward are kept as bucket coordinates, not storage
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stage=st.sampled_from([0, 1, 2, 3]), nd=st.sampled_from([2, 4, 8]), bucket_bytes=st.integers(8, 3000),
+       opt_name=st.sampled_from(["sgd", "adamw", "adam"]), accum=st.integers(1, 2))
+def test_property_matches_dense(pool, stage, nd, bucket_bytes, opt_name, accum):
+    want = dense(opt_name, steps=2, accum=accum)
+    for res in pool.run(train, (nd,), ("data",), stage, opt_name, 2, accum, None, True, bucket_bytes / 2 ** 20):
+        assert_same(res, want)
