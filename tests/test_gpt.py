@@ -107,7 +107,7 @@ def _train_steps(mesh, mode, cfg, seed, steps, B, T):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     final = {n: unpad(n, unshard(p.detach()), cfg) for n, p in model.named_parameters()}
     pad_zero = True
     for n, p in model.named_parameters():

@@ -209,6 +209,28 @@ def test_dropout_layout_independent(pool, case, p, seed):
             assert torch.equal(out[r][1], out[4 + r][1])
 
 
+def _torch_rules_case(mesh):
+    g = _g(0)
+    X = torch.randn(4, 3, 8, generator=g, dtype=torch.float64)
+    W = torch.randn(8, generator=g, dtype=torch.float64)
+    x = shard(X, P("x", None, "y"), mesh)
+    rms = unshard(F.rms_norm(x, (8,), shard(W, P("y"), mesh), 1e-6))
+    torch.manual_seed(5)  # F.dropout draws its seed from torch's generator: equal on every rank
+    d = F.dropout(x, 0.5, training=True)
+    same_mask = torch.equal(unshard(d) == 0, Fm.dropout(X, 0.5, seed=int(_seed_after(5)), site=0) == 0)
+    return _rel(rms, F.rms_norm(X, (8,), W, 1e-6)), same_mask, F.dropout(x, 0.5, training=False) is x
+
+
+def _seed_after(s):
+    torch.manual_seed(s)
+    return torch.randint(0, 2**62, (1,)).item()
+
+
+def test_torch_functional_rules(pool):
+    for err, same_mask, identity in pool.run(_torch_rules_case, (2, 2), ("x", "y")):
+        assert err < TOL and same_mask and identity
+
+
 def test_dropout_statistics_and_streams():
     m = keep_mask((200, 300), (0, 0), 0.3, seed=7, site=1)
     assert abs(m.double().mean().item() - 0.7) < 0.01
@@ -294,6 +316,45 @@ def test_linear_module_matches_dense(pool, case, n_in, n_out, seed):
     shape, names, xspec, wspec, bspec, ospec = case
     errs = pool.run(_linear_case, shape, names, xspec, wspec, bspec, ospec, 4, 2, n_in, n_out, seed)
     assert max(errs) < TOL
+
+
+# ----------------------------------------------------------------------------- communication volume
+def _volumes(mesh):
+    """Calls and bytes per axis of each layer, against the algorithm's formula (2x2 mesh, float64)."""
+    B, T, H, V = 4, 3, 8, 12
+    out = {}
+    x = shard(torch.randn(B, T, H, dtype=torch.float64), P("x", None, "y"), mesh)
+    w = shard(torch.ones(H, dtype=torch.float64), P("y"), mesh)
+    with CommCounter() as c:
+        Fm.layer_norm(x, w, w)
+    out["ln"] = (dict(c.calls), dict(c.bytes))
+    with CommCounter() as c:
+        Fm.rms_norm(x, w)
+    out["rms"] = (dict(c.calls), dict(c.bytes))
+    logits = shard(torch.randn(B, T, V, dtype=torch.float64), P("x", None, "y"), mesh)
+    tg = shard(torch.randint(0, V, (B, T)), P("x"), mesh)
+    with CommCounter() as c:
+        Fm.cross_entropy(logits, tg)
+    out["ce"] = (dict(c.calls), dict(c.bytes))
+    wte = shard(torch.randn(V, H, dtype=torch.float64), P("x", "y"), mesh)
+    with CommCounter() as c:
+        Fm.embedding(shard(torch.randint(0, V, (B, T)), P("x"), mesh), wte)
+    out["emb"] = (dict(c.calls), dict(c.bytes))
+    return out
+
+
+def test_layer_communication_volume(pool):
+    out = pool.run(_volumes, (2, 2), ("x", "y"))[0]
+    tok = 2 * 3  # tokens per rank: batch 4 split over x=2, seq 3
+    ar = lambda n: 2 * (2 - 1) / 2 * n * 8  # all-reduce of n float64 over 2 ranks  # noqa: E731
+    assert out["ln"] == ({("y",): 2}, {("y",): 2 * ar(tok)})      # mean and variance, [b, T, 1] each
+    assert out["rms"] == ({("y",): 1}, {("y",): ar(tok)})
+    calls, nbytes = out["ce"]                                       # max, sum-exp, target logit over vocab;
+    assert calls == {("y",): 3, ("x",): 2}                          # loss sum and token count over batch
+    assert nbytes[("y",)] == 3 * ar(tok) and nbytes[("x",)] == 2 * ar(1)
+    calls, nbytes = out["emb"]                                      # ids all-gathered, rows reduce-scattered over x
+    assert calls == {("x",): 2}
+    assert nbytes[("x",)] == tok * 8 + (2 - 1) / 2 * (2 * tok) * 4 * 8
 
 
 # ----------------------------------------------------------------------------- modules, dense and errors

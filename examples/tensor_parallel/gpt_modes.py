@@ -49,7 +49,7 @@ def train(model: GPT, steps: int, batch: int, seq: int) -> list[float]:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
