@@ -185,3 +185,29 @@ def test_functional_blocks(pool):
     res = pool.run(_functional, (2,), ("pipe",))
     assert res[0][0] == pytest.approx(res[0][1], rel=1e-12)
     assert res[0][2] == [[0, 1, 2]] and res[1][2] == [[3, 4, 5]]
+
+
+def _zero(mesh, stage):
+    from meshpar.optim import zero
+
+    x, t = batch(16)
+    ref = nn.Sequential(*make_blocks(4))
+    mse(ref(x), t).backward()
+    with torch.no_grad():
+        expect = {k: p - 0.1 * p.grad for k, p in ref.named_parameters()}
+    d = mesh.coord("data")
+    pipe = Pipeline(make_blocks(4), mesh, mse, schedule="1f1b", num_microbatches=4, data_axes=None)
+    opt = zero(torch.optim.SGD(pipe.parameters(), lr=0.1), mesh, stage=stage, axis="data")
+    pipe.no_sync = opt.no_sync
+    opt.zero_grad()
+    pipe.step(x.chunk(2)[d], t.chunk(2)[d])
+    opt.step()
+    for name, prm in pipe.named_block_parameters():
+        torch.testing.assert_close(prm.detach(), expect[name], rtol=1e-10, atol=1e-12, msg=lambda s: f"{name}: {s}")
+    return True
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_pipe_x_zero(pool, stage):
+    """ZeRO reduces over data once per step (every backward but the rank's last runs in no_sync)."""
+    assert all(pool.run(_zero, (2, 2), ("pipe", "data"), stage))

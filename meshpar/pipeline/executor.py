@@ -28,8 +28,9 @@ returning.
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -73,13 +74,17 @@ class Pipeline(nn.Module):
         grad_reduce: ``"mean"`` or ``"sum"`` over ``data_axes``.
         loss_on: ``"all"`` (broadcast over pipe) or ``"last"``.
         record_timing: keep per-action compute times of the last step in :attr:`stats`.
+        no_sync: for a gradient-reducing optimizer wrapper (meshpar ZeRO, DDP) instead of
+            ``data_axes``: a context-manager factory (``opt.no_sync``) under which every backward
+            of the step but this rank's last runs, so the wrapper reduces once per step.
     """
 
     def __init__(self, blocks: Sequence[object], mesh: Mesh | None = None,
                  loss_fn: Callable[..., torch.Tensor] | None = None, *, schedule: str = "1f1b",
                  num_microbatches: int = 1, chunks: int = 1, partition: str | Sequence[int] = "uniform",
                  pipe_axis: str = "pipe", data_axes: str | Sequence[str] | None | object = ...,
-                 grad_reduce: str = "mean", loss_on: str = "all", record_timing: bool = False):
+                 grad_reduce: str = "mean", loss_on: str = "all", record_timing: bool = False,
+                 no_sync: Callable[[], ContextManager[Any]] | None = None):
         super().__init__()
         mesh = current_mesh(mesh)
         if pipe_axis not in mesh.names:
@@ -113,6 +118,12 @@ class Pipeline(nn.Module):
         self._sent_meta: dict[int, p2p.TensorMeta] = {}   # chunk -> meta of its output activation
         self._actions = self.schedule.actions(self.pipe_rank)
         self._last_backward = {a.chunk: i for i, a in enumerate(self._actions) if a.kind == B}
+        self._final_backward = max(self._last_backward.values())
+        if no_sync is not None and self.data_axes:
+            raise ShardingError(
+                f"no_sync= hands gradient reduction to an optimizer wrapper, but data_axes={self.data_axes} "
+                "would reduce them again; pass data_axes=None with no_sync=")
+        self.no_sync = no_sync
 
     # ------------------------------------------------------------------ topology
     def virtual_stage(self, chunk: int) -> int:
@@ -243,15 +254,17 @@ class Pipeline(nn.Module):
             elif a.kind == B:
                 t0 = self._tic()
                 out = saved_out.pop((a.mb, a.chunk))
-                if self.is_last(a.chunk):
-                    out.backward()
-                else:
-                    g = take_recv(RECV_B, a.mb, a.chunk)
-                    # its gradient arrived, so the peer has the activation: free the send buffer
-                    work = act_sends.pop((a.mb, a.chunk), None)
-                    if work is not None:
-                        work.wait()
-                    torch.autograd.backward(p2p.autograd_local(out), g)
+                sync = self.no_sync is None or i == self._final_backward
+                with contextlib.nullcontext() if sync else self.no_sync():
+                    if self.is_last(a.chunk):
+                        out.backward()
+                    else:
+                        g = take_recv(RECV_B, a.mb, a.chunk)
+                        # its gradient arrived, so the peer has the activation: free the send buffer
+                        work = act_sends.pop((a.mb, a.chunk), None)
+                        if work is not None:
+                            work.wait()
+                        torch.autograd.backward(p2p.autograd_local(out), g)
                 leaf = saved_in.pop((a.mb, a.chunk))
                 if leaf is not None:
                     saved_in[("grad", a.mb, a.chunk)] = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
