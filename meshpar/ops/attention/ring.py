@@ -16,6 +16,7 @@ accumulator is back at its owner, complete. The send of step ``t`` overlaps the 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ...mesh import Mesh
 from ...mesh import collectives as C
@@ -72,6 +73,7 @@ class RingAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         mesh, axes, causal, balanced, scale, impl, meta0 = ctx.args
