@@ -64,13 +64,24 @@ def _two_layouts(rank: int, world: int):
     mb = GPT(gcfg, plan=make_plan(b), seed=5, dtype=torch.float64)
     la, lb = float(ma(t[:, :-1], t[:, 1:])), float(mb(t[:, :-1], t[:, 1:]))
     dense = float(loss_fn(init_params(gcfg, 5, torch.float64), t[:, :-1], t[:, 1:], gcfg))
-    return a.mesh.names, b.mesh.names, la, lb, dense
+    seeds = (a.seed_for(()), a.seed_for("x"), a.mesh.coord("x"), a.seed_for(a.mesh.names))
+    with a.rng("x"):
+        draw = torch.rand(2).tolist()
+    return a.mesh.names, b.mesh.names, la, lb, dense, seeds, draw
 
 
 def test_two_layouts_in_one_program(pool):
-    for names_a, names_b, la, lb, dense in pool.run(_two_layouts, None):
+    res = pool.run(_two_layouts, None)
+    for names_a, names_b, la, lb, dense, _, _ in res:
         assert names_a == ("data", "x", "y") and names_b == ("data", "tp")
         assert abs(la - dense) < 1e-10 and abs(lb - dense) < 1e-10
+    # seeds: global equal everywhere; per-axis equal exactly on ranks sharing that coordinate; per-rank distinct
+    assert len({r[5][0] for r in res}) == 1
+    by_x = {}
+    for r in res:
+        by_x.setdefault(r[5][2], set()).add((r[5][1], tuple(r[6])))
+    assert all(len(v) == 1 for v in by_x.values()) and len({next(iter(v)) for v in by_x.values()}) == len(by_x)
+    assert len({r[5][3] for r in res}) == len(res)
 
 
 def _pipeline_run(mesh):

@@ -16,7 +16,7 @@ def _run_example(mesh, mode: str, out: str):
 
     from meshpar.train import context_for
 
-    cfg = str(EXAMPLE / "configs" / f"{mode}.py")
+    cfg = str(EXAMPLE / "configs" / (f"{mode}.toml" if mode == "zero" else f"{mode}.py"))
     sets = ["train.steps=12", "train.progress=False", "log.every=4", "train.sample_tokens=4", "train.warmup=2",
             "model.n_layer=1", "model.n_embd=32", "model.block_size=32", "data.max_bytes=200000",
             "checkpoint.every=0", "optimizer.lr=1e-2"]
@@ -29,6 +29,7 @@ def _run_example(mesh, mode: str, out: str):
     ("2d", (1, 2, 2), ("data", "x", "y")),
     ("1d", (1, 4), ("data", "tp")),
     ("dense", (4,), ("data",)),
+    ("zero", (4,), ("data",)),  # ZeRO-2, bf16 compute, gradient accumulation 2, from TOML
     pytest.param("3d", (1, 2, 2, 2), ("data", "i", "j", "k"), marks=pytest.mark.slow),
     pytest.param("2.5d", (1, 2, 2, 2), ("data", "d", "x", "y"), marks=pytest.mark.slow),
 ])
