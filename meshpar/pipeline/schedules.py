@@ -20,7 +20,8 @@ mechanically with :func:`insert_comm`, so every schedule obeys the same rules.
 
 Schedules:
 
-* ``gpipe``: all forwards, then all backwards. Any ``m >= 1``, any ``v``. In flight: ``m * v``.
+* ``gpipe``: all forwards, then all backwards (with ``v`` chunks: breadth-first, chunk by chunk).
+  Any ``m >= 1``, any ``v``. In flight: ``m * v``.
 * ``1f1b``: ``p - r - 1`` warm-up forwards on rank ``r``, then alternate one forward and one
   backward, then drain. ``v == 1``. In flight on rank ``r``: ``min(p - r, m) <= p``.
 * ``interleaved``: Megatron's interleaved 1F1B over ``v >= 2`` chunks; ``m`` must be a
@@ -89,11 +90,14 @@ class Schedule:
         return min(warmup_interleaved(rank, p, m, v) + 1, m * v)
 
     def theoretical_bubble(self, t_fwd: float = 1.0, t_bwd: float = 2.0) -> float:
-        """Idle fraction of the classic analysis: ``(p-1)/(v m + p - 1)`` (GPipe and 1F1B: v=1)."""
-        p, m = self.pipe_size, self.num_microbatches
-        v = self.chunks if self.name == "interleaved" else 1
-        if self.name == "gpipe" and self.chunks > 1:
-            return (p - 1) / (m + p - 1)  # looping GPipe does not shrink the bubble per step
+        """Idle fraction of the classic analysis, ``(p-1)/(v m + p - 1)``.
+
+        With ``v`` chunks per rank each chunk compute is ``1/v`` of a stage's, so the ramp-up and
+        ramp-down shrink by ``v`` (interleaved 1F1B, and breadth-first "looping" GPipe alike).
+        Exact for ``v == 1`` and for ``m >= p``; with fewer micro-batches than ranks a rank's next
+        chunk waits for the wrap-around from the last rank, which adds idle time.
+        """
+        p, m, v = self.pipe_size, self.num_microbatches, self.chunks
         return (p - 1) / (v * m + p - 1)
 
 
