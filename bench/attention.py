@@ -29,6 +29,7 @@ CPU smoke test (4 gloo processes, tiny sizes; checks the script, not the speed):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -52,25 +53,25 @@ def _flops(b: int, h: int, s: int, d: int) -> float:
     return 3.5 * 2.0 * b * h * s * s * d  # causal: half of 4·B·H·S²·D forward, bwd 2.5× fwd
 
 
-def _cp_step(dmesh, xs, scal, gout_full, rotate: str):
-    """A torch context_parallel fwd+bwd step and its (local out, local dq) for checking."""
+def _cp_case(dmesh, xs, scal, gout_full, rotate: str):
+    """torch context_parallel: ``(step, context)``. The context shards the buffers in place once
+    (load-balanced); the step, run inside it, builds non-leaf q/k/v and does fwd+bwd."""
     from torch.distributed.tensor.experimental import context_parallel
     from torch.distributed.tensor.experimental._attention import set_rotate_method
     set_rotate_method(rotate)
     bufs = [x.clone() for x in xs] + [gout_full.clone()]
+    ctx = context_parallel(dmesh, buffers=bufs, buffer_seq_dims=[2, 2, 2, 2], no_restore_buffers=set(bufs))
 
     def step(keep=None):
-        a = scal
-        a.grad = None
-        with context_parallel(dmesh, buffers=bufs, buffer_seq_dims=[2, 2, 2, 2], no_restore_buffers=set(bufs)):
-            q, k, v = (x * a for x in bufs[:3])  # non-leaf q/k/v inside the context
-            if keep is not None:
-                q.retain_grad()
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            o.backward(bufs[3])
-            if keep is not None:
-                keep.extend([o.detach(), q.grad])
-    return step
+        scal.grad = None
+        q, k, v = (x * scal for x in bufs[:3])  # non-leaf q/k/v inside the context
+        if keep is not None:
+            q.retain_grad()
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        o.backward(bufs[3])
+        if keep is not None:
+            keep.extend([o.detach(), q.grad])
+    return step, ctx
 
 
 def bench_size(s: int, args, mesh, dmesh) -> list[dict]:
@@ -117,28 +118,29 @@ def bench_size(s: int, args, mesh, dmesh) -> list[dict]:
                 o.backward(gs)
                 if keep is not None:
                     keep.extend([o.detach()._local, q.grad._local])
-        return step
+        return step, contextlib.nullcontext()
 
     cases = {"ring": lambda: ours("ring"), "all_to_all": lambda: ours("all_to_all")}
     if not args.no_cp:
         a_cp = torch.ones((), device=dev, dtype=dt, requires_grad=True)
         for rot in ("allgather", "alltoall"):
-            cases[f"torch_cp_{rot}"] = (lambda rot=rot: _cp_step(dmesh, X, a_cp, G, rot))
+            cases[f"torch_cp_{rot}"] = (lambda rot=rot: _cp_case(dmesh, X, a_cp, G, rot))
     for name, build in cases.items():
         row = {"S": s, "case": name}
         try:
-            step = build()
-            got: list[torch.Tensor] = []
-            step(got)
-            errs = [rel_err(x, r) for x, r in zip(got, ref_loc)]
-            row["rel_err_out_dq"] = errs
-            if name.startswith("torch_cp"):
-                if max(errs) > 3e-2:
-                    row["note"] = "local layout differs from meshpar's zigzag; not checked elementwise"
-            else:
-                check(f"{name} S={s} out", got[0], ref_loc[0])
-                check(f"{name} S={s} dq", got[1], ref_loc[1])
-            t = time_fn(step, args.warmup, args.iters)
+            step, context = build()
+            with context:
+                got: list[torch.Tensor] = []
+                step(got)
+                errs = [rel_err(x, r) for x, r in zip(got, ref_loc)]
+                row["rel_err_out_dq"] = errs
+                if name.startswith("torch_cp"):
+                    if max(errs) > 3e-2:
+                        row["note"] = "local layout differs from meshpar's zigzag; not checked elementwise"
+                else:
+                    check(f"{name} S={s} out", got[0], ref_loc[0])
+                    check(f"{name} S={s} dq", got[1], ref_loc[1])
+                t = time_fn(step, args.warmup, args.iters)
             row.update(time_s=t, tflops_per_gpu=flops / t / 1e12 / nw, ratio_to_ideal=(t1 / nw) / t)
         except Exception as e:  # a baseline that does not run here is reported, not fatal
             if not name.startswith("torch_cp"):
