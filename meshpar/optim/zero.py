@@ -419,6 +419,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         from .state import load_full_optim_state_dict
         load_full_optim_state_dict(self, sd)
 
+    def add_param_group(self, param_group: dict) -> None:  # type: ignore[override]
+        raise NotImplementedError("ZeroOptimizer: add every param group to the torch optimizer before wrapping it")
+
     def __repr__(self) -> str:
         return (f"ZeroOptimizer(stage={self.stage}, axis={self.axis!r}, nd={self.nd}, buckets={len(self.buckets)}, "
                 f"inner={type(self.inner).__name__})")
