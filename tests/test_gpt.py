@@ -83,9 +83,9 @@ def test_gpt_grads_match_dense(pool, mode, train):
 ODD = dict(vocab_size=29, block_size=8, n_layer=2, n_head=3, n_embd=12)  # heads/vocab/MLP padded
 
 
-@pytest.mark.parametrize("mode", ["1d", "2d", "3d"])
-def test_gpt_padded_sizes_match_dense(pool, mode):
-    cfg = GPTConfig(**ODD)
+@pytest.mark.parametrize("mode,bias", [("1d", True), ("2d", False), ("3d", True)])
+def test_gpt_padded_sizes_match_dense(pool, mode, bias):
+    cfg = GPTConfig(**ODD, bias=bias)
     plan_sizes = padded_sizes(cfg, make_plan("dense"))
     assert plan_sizes.n_head == 3 and plan_sizes.vocab == 29
     ref_loss, ref_g = _dense_loss_grads(cfg, 5, 4, 5, False)

@@ -68,8 +68,9 @@ def main() -> None:
     batch = 4 * mesh.size(tuple(a for a in mesh.names if a not in ("y", "k", "tp")))
     ref = train(dense, args.steps, batch, 12)
     got = train(sharded, args.steps, batch, 12)
-    err = max(float((unpad(n, unshard(p.detach()), cfg) - dense.params()[n]).abs().max())
-              for n, p in sharded.named_parameters())
+    with torch.no_grad():
+        err = max(float((unpad(n, unshard(p), cfg) - dense.params()[n]).abs().max())
+                  for n, p in sharded.named_parameters())
     text = sharded.generate(torch.zeros(1 * batch, 1, dtype=torch.long), 8, top_k=10, seed=0)
     if dist.get_rank() == 0:
         print(f"mode {args.mode} on {mesh}: losses {[f'{l:.4f}' for l in got]} (dense {[f'{l:.4f}' for l in ref]})")
