@@ -118,6 +118,11 @@ def _errors(mesh):
     with pytest.raises(ShardingError) as e:
         pipe.step(*batch(6))                                           # 6 % 4 != 0, raised on every rank
     msgs.append(str(e.value))
+    # a new batch size renegotiates the cached shapes on every rank that sees the batch
+    for n in (8, 12, 8):
+        x, t = batch(n)
+        ref_loss, _ = reference(4, x, t)
+        assert float(pipe.step(x, t)) == pytest.approx(float(ref_loss), rel=1e-12)
     return msgs
 
 

@@ -12,8 +12,10 @@
 Shapes: ``inputs`` is ``[batch, ...]`` and is split into ``num_microbatches`` equal slices along
 dim 0 (``batch`` must be divisible); ``targets`` likewise. Only the first stage reads ``inputs``
 and only the last reads ``targets``, but passing the batch on every pipe rank lets every rank
-check it, so a bad batch raises everywhere before any send. ``None`` is allowed on ranks that do
-not read it.
+check it, so a bad batch raises everywhere before any send, and a batch of a new shape (a short
+last batch) makes every rank renegotiate the cached activation shapes. ``None`` is allowed on
+ranks that do not read it; then the shapes must stay fixed (or call :meth:`reset_shapes` on
+every rank).
 
 Loss: ``loss_fn(output_mb, target_mb)`` must return a scalar; the step backpropagates
 ``loss_mb / num_microbatches`` and returns the mean over micro-batches as a 0-dim float tensor on
@@ -116,6 +118,7 @@ class Pipeline(nn.Module):
                                     for c in range(chunks))
         self._recv_meta: dict[int, p2p.TensorMeta] = {}   # chunk -> meta of its input activation
         self._sent_meta: dict[int, p2p.TensorMeta] = {}   # chunk -> meta of its output activation
+        self._input_sig: tuple | None = None               # (shape, dtype) of input micro-batch 0
         self._actions = self.schedule.actions(self.pipe_rank)
         self._last_backward = {a.chunk: i for i, a in enumerate(self._actions) if a.kind == B}
         self._final_backward = max(self._last_backward.values())
@@ -181,6 +184,11 @@ class Pipeline(nn.Module):
         ys = self._split(targets, "targets")
         if any(self.is_first(c) for c in range(self.chunks)) and xs is None:
             raise ShardingError(f"pipe rank {self.pipe_rank} runs the first stage and needs inputs, got None")
+        if xs is not None:  # a new micro-batch shape renegotiates (on every rank that sees the batch)
+            sig = (tuple(xs[0].shape), xs[0].dtype)
+            if self._input_sig is not None and sig != self._input_sig:
+                self.reset_shapes()
+            self._input_sig = sig
         if any(c not in self._recv_meta for c in range(self.chunks) if not self.is_first(c)) or \
                 any(c not in self._sent_meta for c in range(self.chunks) if not self.is_last(c)):
             self._exchange_shapes(xs)
