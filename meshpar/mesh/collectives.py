@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from ..errors import CollectiveTimeout
+from ..errors import CollectiveTimeout, ShardingError
 from .counter import record
 from .mesh import Mesh, normalize_axes
 
@@ -131,6 +131,9 @@ def reduce_scatter(x: torch.Tensor, mesh: Mesh, axes, dim: int = 0, *, async_op:
         return _Done(x.clone()) if async_op else x.clone()
     n = mesh.size(axes)
     dim = dim % x.ndim
+    if x.shape[dim] % n:
+        raise ShardingError(f"reduce_scatter over {axes}: dim {dim} has size {x.shape[dim]}, "
+                            f"not divisible by the axis size {n}; pad it to a multiple of {n}")
     record("reduce_scatter", axes, (n - 1) / n * x.numel() * x.element_size())
     chunks = x.detach().chunk(n, dim=dim)
     order = mesh.group_index_order(axes)
@@ -152,6 +155,9 @@ def all_to_all(x: torch.Tensor, mesh: Mesh, axes, split_dim: int, concat_dim: in
         return _Done(x.clone()) if async_op else x.clone()
     n = mesh.size(axes)
     split_dim, concat_dim = split_dim % x.ndim, concat_dim % x.ndim
+    if x.shape[split_dim] % n:
+        raise ShardingError(f"all_to_all over {axes}: split dim {split_dim} has size {x.shape[split_dim]}, "
+                            f"not divisible by the axis size {n}; pad it to a multiple of {n}")
     record("all_to_all", axes, (n - 1) / n * x.numel() * x.element_size())
     order = mesh.group_index_order(axes)
     chunks = x.detach().chunk(n, dim=split_dim)
