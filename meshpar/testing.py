@@ -43,6 +43,7 @@ def _worker(rank: int, world: int, port: int, tasks, results, mesh_timeout_s: fl
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=mesh_timeout_s))
+    results.put((0, rank, True, "ready"))
     meshes: dict[tuple, Mesh] = {}
     while True:
         task = tasks.get()
@@ -71,7 +72,9 @@ class WorkerError(AssertionError):
 class WorkerPool:
     """``world_size`` gloo processes kept alive across many :meth:`run` calls."""
 
-    def __init__(self, world_size: int = 8, timeout_s: float = 180.0, mesh_timeout_s: float = 60.0):
+    def __init__(self, world_size: int = 8, timeout_s: float = 180.0, mesh_timeout_s: float = 60.0,
+                 startup_timeout_s: float = 900.0):
+        self.startup_timeout_s = startup_timeout_s
         self.world_size = world_size
         self.timeout_s = timeout_s
         self.mesh_timeout_s = mesh_timeout_s
@@ -90,6 +93,23 @@ class WorkerPool:
                        for r in range(self.world_size)]
         for p in self._procs:
             p.start()
+        self._ready = False
+
+    def _wait_ready(self) -> None:
+        """Start-up (imports, gloo rendezvous) gets its own allowance, apart from each run's timeout."""
+        seen: set[int] = set()
+        deadline = time.monotonic() + self.startup_timeout_s
+        while len(seen) < self.world_size:
+            if time.monotonic() > deadline or any(not p.is_alive() for p in self._procs):
+                raise TimeoutError(f"worker pool did not start: ranks {sorted(set(range(self.world_size)) - seen)} "
+                                   f"not ready after {self.startup_timeout_s}s")
+            try:
+                t, rank, ok, out = self._results.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if t == 0:
+                seen.add(rank)
+        self._ready = True
 
     def restart(self) -> None:
         self.close(graceful=False)
@@ -114,6 +134,8 @@ class WorkerPool:
         With ``mesh_shape=None`` every world rank runs ``fn(rank, world_size, *args, **kwargs)``.
         Returns the results of the ranks inside the mesh, in rank order.
         """
+        if not self._ready:
+            self._wait_ready()
         self._tid += 1
         tid = self._tid
         for q in self._tasks:
