@@ -136,11 +136,27 @@ def main(argv=None, ctx: mt.Context | None = None) -> dict:
     sample = model.generate(prompt, int(train_cfg.get("sample_tokens", 100)), temperature=0.8, top_k=20, seed=0)
     result = {"losses": losses, "val_loss": val, "sample": decode(sample[0].tolist(), vocab), "mesh": repr(mesh)}
     if ctx.rank == 0:
-        hist = [r for r in logger.history if r["kind"] == "train"]
-        plot_losses([r["step"] for r in hist], [r["loss"] for r in hist], out / "loss.png", repr(mesh))
+        curve = read_curve(out / "metrics.jsonl")  # the whole run, including steps before a resume
+        plot_losses(sorted(curve), [curve[k] for k in sorted(curve)], out / "loss.png", repr(mesh))
+        if not losses:
+            print(f"already trained to step {trainer.step} (checkpoints in {ck.get('dir', out / 'ckpt')}); "
+                  f"raise train.steps, or pass --set checkpoint.resume=False to train again")
         print(f"\nfinal val loss {val:.4f}; loss curve {out / 'loss.png'}; weights {out / 'model.safetensors'}")
         print("---- sample ----\n" + result["sample"] + "\n----------------", flush=True)
     return result
+
+
+def read_curve(path: Path) -> dict[int, float]:
+    """``{step: train loss}`` from a metrics JSONL file."""
+    import json
+
+    curve: dict[int, float] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("kind") == "train":
+                curve[int(row["step"])] = float(row["loss"])
+    return curve
 
 
 def plot_losses(steps: list[int], losses: list[float], path: Path, title: str) -> None:

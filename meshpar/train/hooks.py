@@ -86,7 +86,10 @@ class ThroughputHook(Hook):
 
 
 class MetricLoggerHook(Hook):
-    """Rank 0 logs metrics every ``every`` steps to stdout, a JSONL file and TensorBoard (when installed)."""
+    """Rank 0 logs metrics every ``every`` steps to stdout, a JSONL file and TensorBoard (when installed).
+
+    The JSONL file holds the whole run, across restarts: a fresh run truncates it, a resumed run
+    keeps the rows up to the step it resumed from."""
 
     priority = 90
 
@@ -103,12 +106,27 @@ class MetricLoggerHook(Hook):
             return
         if self.jsonl:
             self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+            self._trim(trainer.step)
         if self.tb_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self._tb = SummaryWriter(self.tb_dir)
             except ImportError:
                 trainer.engine.ctx.logger.info("tensorboard is not installed: TensorBoard logging is off")
+
+    def _trim(self, step: int) -> None:
+        """A fresh run (step 0) starts a new file; a resumed one drops rows logged after its checkpoint."""
+        if not self.jsonl.exists():
+            return
+        keep = []
+        if step > 0:
+            for line in self.jsonl.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        keep.append(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a killed process
+        self.jsonl.write_text("".join(k + "\n" for k in keep))
 
     def _record(self, trainer, metrics, kind: str) -> None:
         if trainer.engine.ctx.rank != 0:
