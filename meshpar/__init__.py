@@ -18,7 +18,8 @@ def __getattr__(name):
     import importlib
     if name in {"nn", "optim", "pipeline", "memory", "train", "models", "testing"}:
         return importlib.import_module(f".{name}", __name__)
-    if name in {"launch", "launch_from_torch", "launch_from_slurm", "initialize", "Trainer", "Engine"}:
+    if name in {"launch", "launch_from_torch", "launch_from_slurm", "initialize", "Trainer", "Engine",
+                "get_dataloader"}:
         return getattr(importlib.import_module(".train", __name__), name)
     if name == "memory_report":
         return importlib.import_module(".memory", __name__).memory_report
