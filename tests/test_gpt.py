@@ -131,6 +131,24 @@ def test_gpt_adamw_steps_match_dense(pool, mode):
         assert _rel(t, ref[n]) < 1e-9, (n, _rel(t, ref[n]))
 
 
+def _deferred(mesh, cfg, seed):
+    model = GPT(cfg, make_plan("1d", mesh), _params(cfg, seed), defer_reduce=("data",))
+    idx, tg = _data(cfg, 4, 5, seed)
+    model(idx, tg).backward()
+    specs = {n: p.grad.spec for n, p in model.named_parameters()}
+    grads = {n: unpad(n, unshard(p.grad), cfg) for n, p in model.named_parameters()}  # unshard sums over data
+    return specs, grads
+
+
+def test_gpt_defer_data_reduce(pool):
+    cfg = GPTConfig(**CFG)
+    _, ref = _dense_loss_grads(cfg, 4, 4, 5, False)
+    specs, grads = pool.run(_deferred, (2, 4), ("data", "tp"), cfg, 4)[0]
+    assert all(s.unreduced == ("data",) for s in specs.values())
+    for n, g in grads.items():
+        assert _rel(g, ref[n]) < 1e-9, n
+
+
 def _generate(mesh, mode, cfg, seed):
     plan = make_plan(mode, mesh)
     params = shard_params(_params(cfg, seed), cfg, plan)

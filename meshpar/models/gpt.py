@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ShardingError
-from ..nn.functional import causal_attention, constrain, cross_entropy, dropout, embedding, layer_norm, linear, take_rows
+from ..nn.functional import (add_positional, causal_attention, constrain, cross_entropy, dropout, embedding,
+                             layer_norm, linear)
 from ..sharding.api import unshard
 from ..sharding.tensor import ShardedTensor
 from .plans import Plan, padded_sizes, shard_params
@@ -136,7 +137,7 @@ def forward(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: GPTConfig, 
 
     idx = plan.place(idx, "tokens")
     x = constrain(embedding(idx, params["wte"]), resid)
-    x = drop(x + take_rows(params["wpe"], T), 0)
+    x = drop(add_positional(x, params["wpe"]), 0)
     for l in range(cfg.n_layer):
         pre = f"h.{l}."
         h = ln(x, pre + "ln_1")
@@ -196,7 +197,12 @@ class GPT(nn.Module):
     ``torch.optim`` and the training engine. ``named_parameters()`` yields the GPT names."""
 
     def __init__(self, cfg: GPTConfig, plan: Plan | None = None, params: dict[str, torch.Tensor] | None = None,
-                 *, seed: int = 0, dtype: torch.dtype = torch.float32):
+                 *, seed: int = 0, dtype: torch.dtype = torch.float32, defer_reduce: tuple[str, ...] = ()):
+        """Args:
+            params: dense initial parameters (default :func:`init_params` with ``seed``, ``dtype``).
+            defer_reduce: mesh axes (e.g. ``("data",)``) over which parameter gradients are left
+                *unreduced* (``grad.spec.unreduced``) for a data-parallel/ZeRO reducer to sum in buckets.
+        """
         super().__init__()
         self.cfg = cfg
         self.plan = _plan_or_dense(plan)
@@ -209,8 +215,10 @@ class GPT(nn.Module):
                 if not hasattr(mod, part):
                     mod.add_module(part, nn.Module())
                 mod = getattr(mod, part)
-            mod.register_parameter(leaf, nn.Parameter(t.detach().clone() if not isinstance(t, ShardedTensor) else t,
-                                                      requires_grad=True))
+            param = nn.Parameter(t.detach().clone() if not isinstance(t, ShardedTensor) else t, requires_grad=True)
+            if defer_reduce and isinstance(t, ShardedTensor):
+                param._meshpar_defer_reduce = tuple(a for a in defer_reduce if a in t.mesh.names)
+            mod.register_parameter(leaf, param)
 
     def params(self) -> dict[str, torch.Tensor]:
         """Name -> parameter, the dict :func:`forward` takes."""

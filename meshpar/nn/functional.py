@@ -21,7 +21,7 @@ from ..sharding.layout import block_offsets, local_shape
 from ..sharding.spec import P
 from ..sharding.tensor import ShardedTensor
 
-__all__ = ["linear", "constrain", "take_rows", "causal_attention", "attention_local", "layer_norm", "rms_norm",
+__all__ = ["linear", "constrain", "take_rows", "add_positional", "causal_attention", "attention_local", "layer_norm", "rms_norm",
            "embedding", "cross_entropy", "dropout"]
 
 
@@ -60,6 +60,28 @@ def take_rows(w: torch.Tensor, n: int) -> torch.Tensor:
     if n > w.shape[0]:
         raise ShardingError(f"take_rows: asked for {n} rows of a tensor with {w.shape[0]}")
     return wrap(enter(w)[:n], w.spec, w.mesh, (n, *w.shape[1:]))
+
+
+def add_positional(x: torch.Tensor, wpe: torch.Tensor) -> torch.Tensor:
+    """``x + wpe[:T]`` for ``x [B, T, H]`` and positional embeddings ``wpe [T_max, H]``.
+
+    Sharded: ``wpe``'s spec must be ``P(None, Ha)`` with ``Ha`` = ``x``'s hidden split; ``x``'s
+    sequence dim must be whole. ``wpe``'s gradient is summed over the batch axes (or left
+    unreduced over the axes in its ``_meshpar_defer_reduce``). No communication in forward.
+    """
+    T = x.shape[1]
+    if not isinstance(x, ShardedTensor):
+        return x + wpe[:T]
+    if not isinstance(wpe, ShardedTensor) or wpe.spec.axes_of(0) or wpe.spec.axes_of(1) != x.spec.axes_of(2):
+        got = wpe.spec if isinstance(wpe, ShardedTensor) else "a plain tensor"
+        raise ShardingError(f"add_positional: wpe has {got}; for x {x.spec} it must be a ShardedTensor with spec "
+                            f"{P(None, x.spec[2] if len(x.spec) > 2 else None)}")
+    if x.spec.axes_of(1) or x.spec.unreduced:
+        raise ShardingError(f"add_positional: x {x.spec} must have a whole, reduced sequence dim")
+    if T > wpe.shape[0]:
+        raise ShardingError(f"add_positional: sequence length {T} exceeds the {wpe.shape[0]} positions of wpe")
+    vary = tuple(a for a in x.spec.sharded_axes() if a not in wpe.spec.sharded_axes())
+    return wrap(enter(x) + enter(wpe, vary)[:T], x.spec, x.mesh, x._gshape)
 
 
 def attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, *, dropout_p: float = 0.0,
