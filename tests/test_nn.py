@@ -357,6 +357,45 @@ def test_layer_communication_volume(pool):
     assert nbytes[("x",)] == tok * 8 + (2 - 1) / 2 * (2 * tok) * 4 * 8
 
 
+# ----------------------------------------------------------------------------- a block built from modules
+BLOCK = {  # mode -> mesh, names, kwargs of the modules, x spec
+    "1d": ((4,), ("tp",), dict(in_spec=P(None, "tp"), in_bias_spec=P("tp"), out_spec_w=P("tp", None),
+                               out_bias_spec=P(), inner=None, resid=P()), P(), None),
+    "2d": ((2, 2), ("x", "y"), dict(in_spec=P("x", "y"), in_bias_spec=P("y"), out_spec_w=P("x", "y"),
+                                    out_bias_spec=P("y")), P("x", None, "y"), "y"),
+    "3d": ((2, 2, 2), ("i", "j", "k"), dict(in_spec=P("k", ("j", "i")), in_bias_spec=P("j"),
+                                            out_spec_w=P("j", ("k", "i")), out_bias_spec=P("k")),
+           P(("i", "j"), None, "k"), "k"),
+}
+
+
+def _block_case(mesh, mode, C, nh, seed):
+    """Pre-norm attention block x + attn(ln(x)) from meshpar.nn modules vs the same modules dense."""
+    _, _, kw, xspec, hax = BLOCK[mode]
+    g = _g(seed)
+    X = torch.randn(4, 3, C, generator=g, dtype=torch.float64)
+    G = torch.randn(4, 3, C, generator=g, dtype=torch.float64)
+    lnw = 1 + 0.1 * torch.randn(C, generator=g, dtype=torch.float64)
+    outs = []
+    for m in (mesh, None):
+        att = mnn.CausalSelfAttention(C, nh, dropout=0.2, mesh=m, seed=seed, dtype=torch.float64,
+                                      **(kw if m is not None else {}))
+        ln = mnn.LayerNorm(C, mesh=m, spec=P(hax) if m is not None else None, weight=lnw, dtype=torch.float64)
+        x = shard(X, xspec, mesh) if m is not None else X.clone()
+        x.requires_grad_()
+        y = x + att(ln(x), seed=seed, site=1)
+        (unshard(y) * G).sum().backward()
+        grads = [unshard(x.grad)] + [unshard(p.grad) for p in (*att.parameters(), *ln.parameters())]
+        outs.append([unshard(y)] + grads)
+    return max(_rel(a, b) for a, b in zip(*outs))
+
+
+@pytest.mark.parametrize("mode", list(BLOCK))
+def test_attention_block_modules_match_dense(pool, mode):
+    shape, names = BLOCK[mode][:2]
+    assert max(pool.run(_block_case, shape, names, mode, 16, 4, 3)) < TOL
+
+
 # ----------------------------------------------------------------------------- modules, dense and errors
 def test_modules_dense_equal_torch():
     torch.manual_seed(0)
