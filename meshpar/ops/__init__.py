@@ -5,6 +5,7 @@ blockwise softmax/layer_norm/attention. On top: multi-step matmuls (:mod:`.tp`) 
 sequence-parallel attention (:mod:`.attention`).
 """
 from . import pointwise, reductions, views, matmul, local_nn  # noqa: F401
+from . import norms, embedding, cross_entropy, dropout  # noqa: F401  (registered after local_nn: tried first)
 from . import tp, attention  # noqa: F401
 from .matmul import register_matmul_algorithm
 
