@@ -117,6 +117,11 @@ def blockwise_executor(func, plans, out_spec: P, out_shape, mesh):
     """A no-autograd executor: take blocks (free slices), run ``func``, wrap."""
     steps = [None if p is None else tuple((d, mesh.size(ax), mesh.axis_index(ax)) for d, ax in p.slices)
              for p in plans]
+    if all(st == () for st in steps):  # every operand is a ShardedTensor already in place
+        if len(steps) == 1:
+            return lambda args: ShardedTensor(func(args[0]._local), out_spec, mesh, out_shape)
+        if len(steps) == 2:
+            return lambda args: ShardedTensor(func(args[0]._local, args[1]._local), out_spec, mesh, out_shape)
 
     def run(args):
         locs = []
