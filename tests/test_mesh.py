@@ -76,3 +76,21 @@ def test_mesh_name_errors():
         mp.mesh.mesh._validate_shape_names((2, 2), ("x", "x"))
     with pytest.raises(ShardingError, match="2 names"):
         mp.mesh.mesh._validate_shape_names((2, 2, 2), ("x", "y"))
+
+
+def _default_mesh(mesh):
+    with mesh:
+        x = mp.shard(torch.arange(8.0), mp.P("x"))
+        inner = mp.current_mesh()
+    try:
+        mp.current_mesh()
+        outside = "no error"
+    except ShardingError as e:
+        outside = str(e)
+    return x.mesh == mesh, inner is mesh, tuple(x.local.shape), outside
+
+
+def test_with_mesh_sets_a_default_for_the_block(pool):
+    for same, inner, shape, outside in pool.run(_default_mesh, (2,), ("x",)):
+        assert same and inner and shape == (4,)
+        assert "no default mesh" in outside
