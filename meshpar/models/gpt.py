@@ -26,7 +26,11 @@ import torch.nn.functional as F
 from ..errors import ShardingError
 from ..nn.functional import (add_positional, causal_attention, constrain, cross_entropy, dropout, embedding,
                              layer_norm, linear)
+from ..ops.attention import sp_attention_bsh, zigzag_index, zigzag_unpermute
 from ..sharding.api import unshard
+from ..sharding.core import enter, reduce_unreduced, wrap
+from ..sharding.layout import block_offsets, local_shape
+from ..sharding.spec import P
 from ..sharding.tensor import ShardedTensor
 from .plans import Plan, padded_sizes, shard_params
 
@@ -97,6 +101,68 @@ def init_params(cfg: GPTConfig, seed: int = 0, dtype: torch.dtype = torch.float3
     return out
 
 
+def block_positions(x: ShardedTensor, plan: Plan) -> torch.Tensor:
+    """Global positions of the rows of ``x``'s local block along the sequence dim (1).
+
+    Contiguous layout: ``[off, off + T_loc)``. Balanced layout: the storage order is the zigzag
+    permutation of the natural order, so the block holds ``zigzag_index(T)[off : off + T_loc]``.
+    """
+    T = x.shape[1]
+    off = block_offsets(x._gshape, x.spec, x.mesh)[1]
+    n = local_shape(x._gshape, x.spec, x.mesh)[1]
+    if plan.balanced:
+        return zigzag_index(T, plan.seq_split)[off:off + n]
+    return torch.arange(off, off + n)
+
+
+def add_positional_sp(x: torch.Tensor, wpe: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """``x + wpe[positions]`` for ``x [B, T, C]`` whose sequence dim is split over ``plan.seq_axes``.
+
+    Each rank adds the rows of ``wpe`` at the *global* positions of its block (see
+    :func:`block_positions`). ``wpe [T_max, C]`` must be a ShardedTensor with spec ``P(None, Ca)``,
+    ``Ca`` = ``x``'s hidden split; its gradient is summed over the axes that split ``x`` but not
+    ``wpe`` (batch and sequence), or left unreduced over its ``_meshpar_defer_reduce`` axes.
+    No communication in forward.
+    """
+    if not isinstance(x, ShardedTensor) or not isinstance(wpe, ShardedTensor):
+        raise ShardingError("add_positional_sp: x and wpe must be ShardedTensors under a sequence-parallel plan")
+    want = P(None, x.spec[2] if len(x.spec) > 2 else None)
+    if wpe.spec.axes_of(0) or wpe.spec.axes_of(1) != x.spec.axes_of(2):
+        raise ShardingError(f"add_positional_sp: wpe has {wpe.spec}; for x {x.spec} it must be {want}")
+    if x.spec.unreduced:
+        raise ShardingError(f"add_positional_sp: x {x.spec} must be reduced")
+    if x.shape[1] > wpe.shape[0]:
+        raise ShardingError(f"add_positional_sp: sequence length {x.shape[1]} exceeds the {wpe.shape[0]} "
+                            "positions of wpe")
+    pos = block_positions(x, plan).to(x._local.device)
+    vary = tuple(a for a in x.spec.sharded_axes() if a not in wpe.spec.sharded_axes())
+    return wrap(enter(x) + enter(wpe, vary).index_select(0, pos), x.spec, x.mesh, x._gshape)
+
+
+def attention_sp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, plan: Plan) -> torch.Tensor:
+    """Causal attention of ``q, k, v [B, T, H]`` whose sequence dim is split over ``plan.seq_axes``.
+
+    Ring or all-to-all attention (``plan.sequence_mode``) on the local blocks
+    (:func:`~meshpar.ops.attention.sp_attention_bsh`); heads may also be split over other axes of
+    the hidden dim (1d+sp: "tp"), each rank attending with its local heads. Returns ``q``'s spec.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, ShardedTensor) or t.spec.axes_of(1) != plan.seq_axes:
+            got = t.spec if isinstance(t, ShardedTensor) else "a plain tensor"
+            raise ShardingError(f"sequence-parallel attention: {name} has {got}; its sequence dim (1) must be "
+                                f"split over {plan.seq_axes}")
+    q, k, v = (reduce_unreduced(t) for t in (q, k, v))
+    if k.spec != q.spec or v.spec != q.spec:
+        raise ShardingError(f"sequence-parallel attention: q {q.spec}, k {k.spec}, v {v.spec} must have one spec")
+    hl = local_shape(q._gshape, q.spec, q.mesh)[2]
+    if hl % head_dim:
+        raise ShardingError(f"attention: the hidden dim ({q.shape[2]}) split over {q.spec.axes_of(2)} gives blocks "
+                            f"of {hl}, not whole heads of {head_dim}")
+    y = sp_attention_bsh(enter(q), enter(k), enter(v), head_dim, q.mesh, plan.seq_axes, causal=True,
+                         mode=plan.sequence_mode, balanced=plan.balanced)
+    return wrap(y, q.spec, q.mesh, q._gshape)
+
+
 def _plan_or_dense(plan: Plan | None) -> Plan:
     from .plans import make_plan
     return make_plan("dense") if plan is None else plan
@@ -112,6 +178,11 @@ def forward(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: GPTConfig, 
             so every mode drops the same elements as the dense model.
     Returns:
         ``[B, T, V]`` (plain) or ``[B, T, V_padded]`` ShardedTensor with spec ``plan.act['logits']``.
+        With ``plan.balanced`` the sequence dim of the logits is in the zigzag storage order
+        (:func:`~meshpar.ops.attention.zigzag_unpermute` it, dim 1, after ``unshard``).
+    Raises:
+        ShardingError: under a sequence-parallel plan, when ``T`` is not a multiple of
+            ``plan.seq_multiple`` or when training with dropout (ring/all-to-all attention has none).
     """
     plan = _plan_or_dense(plan)
     sz = padded_sizes(cfg, plan)
@@ -121,6 +192,10 @@ def forward(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: GPTConfig, 
     if T > cfg.block_size:
         raise ShardingError(f"sequence length {T} exceeds block_size {cfg.block_size}")
     p = cfg.dropout if train else 0.0
+    sp = bool(plan.seq_axes)
+    if sp and p > 0.0:
+        raise ShardingError(f"mode {plan.mode!r} splits the sequence: sequence-parallel attention has no "
+                            f"attention dropout, so train with GPTConfig.dropout=0 (got {cfg.dropout})")
     act = plan.act if not plan.dense else {}
     resid, inner = act.get("resid"), act.get("inner")
     bias = (lambda n: params.get(n)) if cfg.bias else (lambda n: None)
@@ -137,12 +212,15 @@ def forward(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: GPTConfig, 
 
     idx = plan.place(idx, "tokens")
     x = constrain(embedding(idx, params["wte"]), resid)
-    x = drop(add_positional(x, params["wpe"]), 0)
+    x = drop(add_positional_sp(x, params["wpe"], plan) if sp else add_positional(x, params["wpe"]), 0)
     for l in range(cfg.n_layer):
         pre = f"h.{l}."
         h = ln(x, pre + "ln_1")
         q, k, v = (lin(h, pre + f"attn.{n}", inner) for n in ("q", "k", "v"))
-        y = causal_attention(q, k, v, sz.head_dim, dropout_p=p, seed=seed, site=4 * l + 1, train=train)
+        if sp:
+            y = attention_sp(q, k, v, sz.head_dim, plan)
+        else:
+            y = causal_attention(q, k, v, sz.head_dim, dropout_p=p, seed=seed, site=4 * l + 1, train=train)
         x = x + drop(lin(y, pre + "attn.proj", resid), 4 * l + 2)
         h = F.gelu(lin(ln(x, pre + "ln_2"), pre + "mlp.fc", inner))
         x = x + drop(lin(h, pre + "mlp.proj", resid), 4 * l + 3)
@@ -175,11 +253,22 @@ def generate(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: GPTConfig,
     """
     plan = _plan_or_dense(plan)
     g = torch.Generator().manual_seed(seed)
+    m = plan.seq_multiple if plan.seq_axes else 1
     for _ in range(max_new_tokens):
         ctx = idx[:, -cfg.block_size:]
+        T = ctx.shape[1]
+        if -(-T // m) * m > cfg.block_size:  # a split sequence must divide; keep the longest context that does
+            ctx = ctx[:, -(cfg.block_size // m * m):]
+            T = ctx.shape[1]
+        pad = -T % m  # right padding: causal rows before it are unchanged
+        if pad:
+            ctx = torch.cat([ctx, ctx.new_zeros(ctx.shape[0], pad)], dim=1)
         logits = forward(params, ctx, cfg, plan)
-        logits = unshard(logits) if isinstance(logits, ShardedTensor) else logits
-        last = logits[:, -1, :cfg.vocab_size].double()
+        if isinstance(logits, ShardedTensor):
+            logits = unshard(logits)
+            if plan.balanced:
+                logits = zigzag_unpermute(logits, plan.seq_split, dim=1)
+        last = logits[:, T - 1, :cfg.vocab_size].double()
         if temperature == 0.0:
             nxt = last.argmax(-1, keepdim=True)
         else:

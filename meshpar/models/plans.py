@@ -25,6 +25,25 @@ b_out       P()                      P("y")                   P("k")            
 ``w_in`` are q/k/v, mlp.fc and the LM head (resid -> inner layout); ``w_out`` are attn.proj and
 mlp.proj (inner -> resid). In 1d the output of a ``w_out`` matmul is a partial sum over "tp",
 reduced by the ``resid`` constraint (Megatron's row-parallel all-reduce).
+
+Sequence parallel modes split the sequence (dim 1) of every activation over the mesh axis "sp":
+
+==========  =======================  ==========================
+role        sp (sp)                  1d+sp (tp, sp)
+==========  =======================  ==========================
+tokens      P(B, "sp")               P(B, "sp")
+resid       P(B, "sp", None)         P(B, "sp", None)
+inner       P(B, "sp", None)         P(B, "sp", "tp")
+weights     P() (all replicated)     as 1d
+==========  =======================  ==========================
+
+Norms, MLPs, the embedding, the LM head and the loss are per token and run blockwise on the
+sequence blocks (replicated weights get their gradients summed over "sp"). Attention runs ring
+attention (``sequence_mode="ring"``) or all-to-all attention (``"all_to_all"``, which pads the
+heads to a multiple of sp, or of tp*sp with "1d+sp") on the local blocks; position embeddings
+are looked up at each block's global positions. With ``balanced=True`` the tokens are laid out
+in the zigzag (head-tail) order so causal ring work is equal on every rank (see
+docs/sequence-parallel.md).
 """
 from __future__ import annotations
 
@@ -35,12 +54,16 @@ import torch
 
 from ..errors import ShardingError
 from ..mesh import Mesh
+from ..ops.attention.layout import zigzag_permute
 from ..sharding.api import shard
 from ..sharding.spec import P
 from ..sharding.tensor import ShardedTensor
 
-MODES = ("dense", "1d", "2d", "2.5d", "3d")
-_TP_AXES = {"1d": ("tp",), "2d": ("x", "y"), "2.5d": ("d", "x", "y"), "3d": ("i", "j", "k")}
+MODES = ("dense", "1d", "2d", "2.5d", "3d", "sp", "1d+sp")
+#: the mesh axes of each mode (besides an optional "data")
+_TP_AXES = {"1d": ("tp",), "2d": ("x", "y"), "2.5d": ("d", "x", "y"), "3d": ("i", "j", "k"), "sp": ("sp",),
+            "1d+sp": ("tp", "sp")}
+SEQUENCE_MODES = ("ring", "all_to_all")
 
 
 @dataclass(frozen=True)
@@ -54,6 +77,10 @@ class Plan:
             ``logits`` [B,T,V], ``targets`` [B,T].
         roles: parameter specs by role (see the module table).
         multiples: padding multiples ``{"vocab", "embd", "heads", "ff"}``.
+        seq_axes: mesh axes the sequence dim (1) of the activations is split over (``()`` when whole).
+        sequence_mode: attention over a split sequence: ``"ring"`` or ``"all_to_all"``.
+        balanced: tokens/targets are laid out in the zigzag order (:meth:`place` permutes them),
+            so causal ring attention does equal work on every rank.
     """
 
     mode: str
@@ -61,19 +88,46 @@ class Plan:
     act: Mapping[str, P] = field(default_factory=dict)
     roles: Mapping[str, P] = field(default_factory=dict)
     multiples: Mapping[str, int] = field(default_factory=lambda: {"vocab": 1, "embd": 1, "heads": 1, "ff": 1})
+    seq_axes: tuple[str, ...] = ()
+    sequence_mode: str = "ring"
+    balanced: bool = False
 
     @property
     def dense(self) -> bool:
         return self.mesh is None
+
+    @property
+    def seq_split(self) -> int:
+        """Number of sequence blocks (1 when the sequence is whole)."""
+        return self.mesh.size(self.seq_axes) if self.seq_axes else 1
+
+    @property
+    def seq_multiple(self) -> int:
+        """The sequence length must be a multiple of this (``2*sp`` in the balanced layout)."""
+        return self.seq_split * (2 if self.balanced else 1)
 
     def spec(self, name: str) -> P | None:
         """The spec of parameter ``name`` (None in dense mode)."""
         return None if self.dense else self.roles[param_role(name)]
 
     def place(self, x: torch.Tensor, act: str) -> torch.Tensor:
-        """Lay out a global (replicated) activation/input ``x`` as ``act`` (a free local slice)."""
+        """Lay out a global (replicated) activation/input ``x`` as ``act`` (a free local slice).
+
+        With a split sequence, ``x``'s dim 1 must divide into :attr:`seq_multiple` blocks; in the
+        balanced layout it is zigzag-permuted first (tokens and targets alike, so a per-token loss
+        is unchanged).
+        """
         if self.dense or isinstance(x, ShardedTensor):
             return x
+        if self.seq_axes and x.ndim >= 2:
+            T = x.shape[1]
+            if T % self.seq_multiple:
+                how = f"2*sp = {self.seq_multiple} (balanced layout)" if self.balanced else f"sp = {self.seq_multiple}"
+                raise ShardingError(f"sequence length {T} (dim 1 of {act}) is not divisible by {how} over mesh "
+                                    f"axes {self.seq_axes}; use a sequence length that is a multiple of "
+                                    f"{self.seq_multiple}")
+            if self.balanced:
+                x = zigzag_permute(x, self.seq_split, dim=1)
         return shard(x, self.act[act], self.mesh)
 
 
@@ -101,17 +155,27 @@ def _batch(mesh: Mesh, *axes: str):
     return full if full else None
 
 
-def make_plan(mode: str, mesh: Mesh | None = None) -> Plan:
+def make_plan(mode: str, mesh: Mesh | None = None, *, sequence_mode: str = "ring", balanced: bool = False) -> Plan:
     """The plan of ``mode`` on ``mesh``.
 
     Args:
         mode: "dense" (no mesh), "1d" (axis "tp"), "2d" ("x","y", square), "2.5d" ("d","x","y",
-            x == y), "3d" ("i","j","k", a cube). A mesh axis "data" adds data parallelism on the batch.
+            x == y), "3d" ("i","j","k", a cube), "sp" (axis "sp": sequence parallel), "1d+sp"
+            ("tp", "sp": Megatron 1D with a split sequence). A mesh axis "data" adds data
+            parallelism on the batch.
+        sequence_mode: attention over the split sequence in "sp"/"1d+sp": "ring" or "all_to_all".
+        balanced: "sp"/"1d+sp" only: zigzag (load-balanced causal) sequence layout.
     Raises:
-        ShardingError: when the mesh lacks the mode's axes, has extra axes, or is not square/cubic.
+        ShardingError: when the mesh lacks the mode's axes, has extra axes, or is not square/cubic,
+            or the sequence options are bad.
     """
     if mode not in MODES:
         raise ShardingError(f"unknown parallel mode {mode!r}; choose one of {MODES}")
+    if sequence_mode not in SEQUENCE_MODES:
+        raise ShardingError(f"unknown sequence_mode {sequence_mode!r}; choose one of {SEQUENCE_MODES}")
+    if balanced and mode not in ("sp", "1d+sp"):
+        raise ShardingError(f"balanced=True is a sequence-parallel layout; mode {mode!r} does not split the "
+                            "sequence (use mode 'sp' or '1d+sp')")
     if mode == "dense":
         if mesh is not None:
             raise ShardingError("the 'dense' plan takes no mesh (pass mesh=None)")
@@ -124,6 +188,8 @@ def make_plan(mode: str, mesh: Mesh | None = None) -> Plan:
         raise ShardingError(f"mode {mode!r} needs mesh axes {_TP_AXES[mode]} (plus optional 'data'); {mesh} has "
                             f"{mesh.names}. Build e.g. Mesh(shape, {('data',) + _TP_AXES[mode]})")
     s = {a: mesh.size(a) for a in mesh.names}
+    if mode in ("sp", "1d+sp"):
+        return _sp_plan(mode, mesh, s, sequence_mode, balanced)
     if mode == "1d":
         t = s["tp"]
         b = _batch(mesh)
@@ -153,6 +219,26 @@ def make_plan(mode: str, mesh: Mesh | None = None) -> Plan:
                      w_out=P("j", ("k", "i")), b_out=P("k"))
         mult = dict(vocab=q * q, embd=q * q, heads=q, ff=q * q)
     return Plan(mode, mesh, act, roles, mult)
+
+
+def _sp_plan(mode: str, mesh: Mesh, s: Mapping[str, int], sequence_mode: str, balanced: bool) -> Plan:
+    """The "sp" / "1d+sp" plans (see the module table)."""
+    b = _batch(mesh)
+    sp = s["sp"]
+    if mode == "sp":
+        act = dict(tokens=P(b, "sp"), resid=P(b, "sp", None), inner=P(b, "sp", None), logits=P(b, "sp", None),
+                   targets=P(b, "sp"))
+        roles = dict(wte=P(), wpe=P(), norm=P(), w_in=P(), b_in=P(), w_out=P(), b_out=P())
+        t = 1
+    else:
+        t = s["tp"]
+        act = dict(tokens=P(b, "sp"), resid=P(b, "sp", None), inner=P(b, "sp", "tp"), logits=P(b, "sp", "tp"),
+                   targets=P(b, "sp"))
+        roles = dict(wte=P("tp", None), wpe=P(), norm=P(), w_in=P(None, "tp"), b_in=P("tp"),
+                     w_out=P("tp", None), b_out=P())
+    heads = t * sp if sequence_mode == "all_to_all" else t  # all-to-all splits each rank's heads over sp
+    mult = dict(vocab=t, embd=t, heads=heads, ff=t)
+    return Plan(mode, mesh, act, roles, mult, seq_axes=("sp",), sequence_mode=sequence_mode, balanced=balanced)
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,21 @@ OptimLike = torch.optim.Optimizer | Callable[[Iterable[torch.nn.Parameter]], tor
 
 
 def make_plan(ctx: Context):
-    """The model plan of the context's mode on its mesh (``meshpar.models.plans.make_plan``)."""
+    """The model plan of the context's mode on its mesh (``meshpar.models.plans.make_plan``).
+
+    With ``parallel.sequence.size > 1`` the plan is "sp" (no tensor mode) or "1d+sp" (tensor mode
+    "1d"), with ``parallel.sequence.mode`` ("ring" / "all_to_all") as its attention variant.
+    """
     from ..models.plans import make_plan as _make_plan
 
-    mode = ctx.config.parallel.mode
+    par = ctx.config.parallel
+    if par.sequence_size > 1:
+        if par.tensor_mode not in (None, "1d"):
+            raise ConfigError(f"parallel.sequence > 1 combines with tensor mode '1d' (or none) in the GPT plans, "
+                              f"got tensor mode {par.tensor_mode!r}; use tensor=dict(size=N, mode='1d')")
+        mode = "sp" if par.tensor_mode is None else "1d+sp"
+        return _make_plan(mode, ctx.mesh, sequence_mode=par.sequence_mode)
+    mode = par.mode
     return _make_plan(mode, None if mode == "dense" else ctx.mesh)
 
 
@@ -198,7 +209,8 @@ def initialize(model: ModelLike, optimizer: OptimLike, criterion: Callable | Non
     if lr_scheduler is not None and callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
         lr_scheduler = lr_scheduler(opt)
     engine = Engine(model, opt, criterion, ctx, lr_scheduler, pipeline=pipe)
-    ctx.logger.info(f"initialize: mode {par.mode}{f', pipeline {par.pipeline} stages' if pipe else ''}, "
+    seq = f", sequence {par.sequence_size} ({par.sequence_mode})" if par.sequence_size > 1 else ""
+    ctx.logger.info(f"initialize: mode {par.mode}{seq}{f', pipeline {par.pipeline} stages' if pipe else ''}, "
                     f"{sum(p.numel() for p in model.parameters()):,} parameters (this rank), "
                     f"{opt!r}, accumulation {cfg.gradient_accumulation}, clip {cfg.clip_grad_norm}")
     return engine, train_dataloader, test_dataloader, lr_scheduler
