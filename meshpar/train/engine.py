@@ -211,6 +211,7 @@ def initialize(model: ModelLike, optimizer: OptimLike, criterion: Callable | Non
     engine = Engine(model, opt, criterion, ctx, lr_scheduler, pipeline=pipe)
     seq = f", sequence {par.sequence_size} ({par.sequence_mode})" if par.sequence_size > 1 else ""
     ctx.logger.info(f"initialize: mode {par.mode}{seq}{f', pipeline {par.pipeline} stages' if pipe else ''}, "
-                    f"{sum(p.numel() for p in model.parameters()):,} parameters (this rank), "
+                    f"{sum(p.numel() for p in model.parameters()):,} parameters "
+                    f"({sum(getattr(p, '_local', p).numel() for p in model.parameters()):,} on this rank), "
                     f"{opt!r}, accumulation {cfg.gradient_accumulation}, clip {cfg.clip_grad_norm}")
     return engine, train_dataloader, test_dataloader, lr_scheduler
