@@ -88,6 +88,9 @@ def attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim:
                     seed: int = 0, site: int = 0, offsets: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """Causal multi-head attention on blocks ``q, k, v [b, T, h*head_dim]`` holding whole heads.
 
+    Without dropout this is ``scaled_dot_product_attention`` (a fused kernel); with dropout the
+    scores are materialized so that the keep-mask can be drawn layout-independently.
+
     ``offsets = (batch offset, head offset)`` of the block, so attention dropout masks match the dense op.
     """
     b, T, c = q.shape
@@ -97,6 +100,10 @@ def attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim:
         return t.reshape(b, T, h, head_dim).transpose(1, 2)
 
     qh, kh, vh = heads(q), heads(k), heads(v)
+    if dropout_p == 0.0:  # fused kernel (FlashAttention on GPU); never materializes the [T, T] scores
+        y = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
+                                                             scale=1.0 / math.sqrt(head_dim))
+        return y.transpose(1, 2).reshape(b, T, c)
     att = (qh @ kh.transpose(-2, -1)) * (1.0 / math.sqrt(head_dim))
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     att = att.masked_fill(~causal, float("-inf")).softmax(-1)

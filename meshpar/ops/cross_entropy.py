@@ -16,6 +16,9 @@ Communication: three all-reduces of ``[...]``-sized (per-token) tensors over ``V
 scalars over ``Ba``. Backward needs none: each rank's logit gradient is
 ``softmax - onehot`` restricted to its slice.
 
+Precision: bf16/fp16 logits are upcast to float32 for the loss (as ``logits.float()`` before
+``F.cross_entropy``); the loss is float32 and the logits' gradient comes back in their dtype.
+
 Padding: with ``vocab_size`` < V (the vocabulary was padded), the padded columns are masked to
 ``-inf``; the loss equals the dense loss over the real vocabulary.
 
@@ -36,10 +39,16 @@ from ..sharding.spec import P
 from ..sharding.tensor import ShardedTensor
 
 
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """bf16/fp16 logits are upcast: the log-sum-exp over a large vocabulary needs float32."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def _dense(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str,
            vocab_size: int | None) -> torch.Tensor:
     if vocab_size is not None and vocab_size < logits.shape[-1]:
         logits = logits[..., :vocab_size]
+    logits = logits.to(_loss_dtype(logits.dtype))
     v = logits.shape[-1]
     return F.cross_entropy(logits.reshape(-1, v), targets.reshape(-1), ignore_index=ignore_index,
                            reduction=reduction).reshape(targets.shape if reduction == "none" else ())
@@ -90,6 +99,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
     vl = local_shape(logits._gshape, logits.spec, mesh)[-1]
 
     x = enter(logits)
+    x = x.to(_loss_dtype(x.dtype))
     if v0 + vl > vocab_size:
         real = torch.arange(v0, v0 + vl, device=x.device) < vocab_size
         x = x.masked_fill(~real, float("-inf"))
