@@ -108,7 +108,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("impl,dtype", [("flash", torch.bfloat16), ("flash", torch.float16),
-                                        ("efficient", torch.bfloat16), ("efficient", torch.float32)])
+                                        ("efficient", torch.float32), ("math", torch.bfloat16),
+                                        ("cudnn", torch.bfloat16)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_fused_cuda_blocks_merge_equal_float64(impl, dtype, causal):
     """The ring's per-block CUDA kernels: 4 query/key blocks in the zigzag causal pattern (diagonal

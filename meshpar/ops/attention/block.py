@@ -8,7 +8,14 @@ Kernels (``impl``):
 * ``"math"``: plain torch, any dtype (float64 in tests); scores are materialized.
 * ``"cpu_fused"``: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward.
 * ``"flash"``: ``aten._scaled_dot_product_flash_attention`` (CUDA, fp16/bf16, D <= 256).
-* ``"efficient"``: ``aten._scaled_dot_product_efficient_attention`` (CUDA, fp32/fp16/bf16).
+* ``"cudnn"``: ``aten._scaled_dot_product_cudnn_attention`` (CUDA, fp16/bf16): about 1.9x faster
+  than ``"flash"`` (FlashAttention-2) on H100/H200 for long blocks. Experimental: blocks are made
+  contiguous, the LSE is passed ``[B, H, Sq, 1]``. Checked against float64 by ``tests/test_gpu.py``.
+  ``"auto"`` picks it for fp16/bf16 with head dim <= 128 on Hopper (sm90+), then ``"flash"``.
+* ``"efficient"``: ``aten._scaled_dot_product_efficient_attention`` (CUDA, **fp32 only**). Its
+  bf16/fp16 backward gives wrong dQ/dK (relative error 0.1-0.6, NaN for some layouts) when handed
+  the merged log-sum-exp of a row split over several blocks (measured on an H200 with torch 2.11,
+  ``tests/test_gpu.py``), so it is refused for half types; dV is right, the forward is right.
 
 ``causal`` means the top-left aligned mask of a square block (query ``i`` sees keys ``<= i``); the
 ring only asks for it on diagonal blocks, where ``Sq == Sk``.
@@ -33,16 +40,29 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _cudnn_ok(device: torch.device) -> bool:
+    """cuDNN's fused attention is enabled and the GPU is Hopper or newer (where it was checked)."""
+    return torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def select_impl(q: torch.Tensor, requested: str = "auto") -> str:
     """The kernel to use for blocks like ``q``: ``requested`` unless ``"auto"``."""
     if requested != "auto":
-        if requested in ("flash", "efficient") and not q.is_cuda:
+        if requested in ("flash", "efficient", "cudnn") and not q.is_cuda:
             raise ValueError(f"block_impl={requested!r} needs CUDA tensors; got {q.device}")
+        if requested == "efficient" and q.dtype in (torch.float16, torch.bfloat16):
+            raise ValueError(f"block_impl='efficient' with {q.dtype}: that kernel's half-precision backward gives "
+                             "wrong dQ/dK with a merged log-sum-exp; use 'flash' (head dim % 8 == 0, <= 256), "
+                             "'math', or float32")
         return requested
     if q.is_cuda:
-        if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256:
-            return "flash"
-        if q.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        d = q.shape[-1]
+        if q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0:
+            if d <= 128 and _cudnn_ok(q.device):
+                return "cudnn"
+            if d <= 256:
+                return "flash"
+        if q.dtype == torch.float32:
             return "efficient"
     return "math"
 
@@ -78,6 +98,11 @@ def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
         r = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
         # (out, lse, cum_seq_q, cum_seq_k, max_q, max_k, rng_state, unused, debug_mask)
         return r[0], r[1], BlockMeta((r[2], r[3], r[6], r[7]))
+    if impl == "cudnn":
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        r = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+        # (out, lse [B, H, Sq, 1], cum_seq_q, cum_seq_k, max_q, max_k, philox_seed, philox_offset, debug_mask)
+        return r[0], r[1].reshape(r[1].shape[:3]), BlockMeta((r[2], r[3], r[6], r[7]))
     if impl == "efficient":
         out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal,
                                                                                   scale=scale)
@@ -120,6 +145,16 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         r = aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse.float().contiguous(), cum_q, cum_k, q.shape[-2], k.shape[-2], 0.0, causal,
             seed, offset, scale=scale)
+        return r[0], r[1], r[2]
+    if impl == "cudnn":
+        cum_q, cum_k, seed, offset = meta.extras if meta is not None and meta.extras else (None, None, None, None)
+        if seed is None:
+            seed = offset = torch.empty(0, dtype=torch.int64, device=q.device)
+        q, k, v, out, dout = (t.contiguous() for t in (q, k, v, out, dout))
+        lse4 = lse.float().contiguous().unsqueeze(-1)
+        r = aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse4, seed, offset, None, cum_q, cum_k, q.shape[-2], k.shape[-2], 0.0, causal,
+            scale=scale)
         return r[0], r[1], r[2]
     if impl == "efficient":
         seed, offset = meta.extras if meta is not None and meta.extras else (None, None)

@@ -12,10 +12,10 @@ import dataclasses
 from typing import Iterator, Literal
 
 Mode = Literal["ring", "all_to_all"]
-BlockImpl = Literal["auto", "math", "cpu_fused", "flash", "efficient"]
+BlockImpl = Literal["auto", "math", "cpu_fused", "flash", "cudnn", "efficient"]
 
 _MODES = ("ring", "all_to_all")
-_IMPLS = ("auto", "math", "cpu_fused", "flash", "efficient")
+_IMPLS = ("auto", "math", "cpu_fused", "flash", "cudnn", "efficient")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,7 @@ class SPOptions:
             unbalanced.
         block_impl: per-block kernel: ``"auto"`` (fused flash/efficient kernels on CUDA, plain
             torch elsewhere), ``"math"`` (plain torch, any dtype incl. float64), ``"cpu_fused"``
-            (``aten._scaled_dot_product_flash_attention_for_cpu``), ``"flash"``, ``"efficient"``.
+            (``aten._scaled_dot_product_flash_attention_for_cpu``), ``"flash"``, ``"cudnn"``, ``"efficient"``.
     """
 
     mode: Mode = "ring"
