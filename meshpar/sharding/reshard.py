@@ -9,6 +9,12 @@ Steps, in order (``n`` = size of the axes involved, ``b`` = local bytes):
    else one all-gather (``(n-1)·b``);
 3. axes the target adds: a free local slice;
 4. axes that become unreduced: the value stays on index 0, others hold zeros (free).
+
+:class:`~meshpar.Zigzag` axes take part like any axis; a zigzag axis and its plain name are
+different axes to the planner, so zigzag <-> contiguous on one dim is an all-gather then a
+slice. Executing a step on a zigzag axis adds local reorders (:mod:`.zigzag`): the all-gather
+puts the gathered dim back in natural order, the slice keeps chunks ``r`` and ``2n-1-r``, and
+an all-to-all moving a zigzag axis between dims reorders both dims.
 """
 from __future__ import annotations
 
@@ -19,7 +25,8 @@ import torch
 
 from ..mesh import Mesh, collectives as C
 from ..mesh import autograd as A
-from .spec import P
+from . import zigzag as Z
+from .spec import P, is_zigzag
 
 
 @dataclass(frozen=True)
@@ -89,11 +96,18 @@ def run_steps(local: torch.Tensor, steps: Sequence[Step], mesh: Mesh, differenti
             x = A.psum(x, mesh, s.axes) if differentiable else C.all_reduce(x, mesh, s.axes)
         elif s.kind == "reduce_scatter":
             x = A.psum_scatter(x, mesh, s.axes, s.dim) if differentiable else C.reduce_scatter(x, mesh, s.axes, s.dim)
+        elif s.kind == "all_gather" and is_zigzag(s.axes):
+            x = Z.zigzag_gather(x, mesh, s.axes, s.dim, differentiable)
         elif s.kind == "all_gather":
             x = A.all_gather(x, mesh, s.axes, s.dim) if differentiable else C.all_gather(x, mesh, s.axes, s.dim)
+        elif s.kind == "all_to_all" and is_zigzag(s.axes):
+            x = Z.zigzag_all_to_all(x, mesh, s.axes, s.dim, s.dim2, differentiable)
         elif s.kind == "all_to_all":
             x = (A.all_to_all(x, mesh, s.axes, s.dim, s.dim2) if differentiable
                  else C.all_to_all(x, mesh, s.axes, s.dim, s.dim2))
+        elif s.kind == "slice" and is_zigzag(s.axes):
+            x = Z.zigzag_slice(x, mesh, s.axes, s.dim) if differentiable else Z.take_local(
+                x, mesh.size(s.axes), mesh.axis_index(s.axes), s.dim)
         elif s.kind == "slice":
             x = slice_block(x, mesh, s.axes, s.dim) if differentiable else (
                 x.chunk(mesh.size(s.axes), dim=s.dim)[mesh.axis_index(s.axes)].contiguous())
