@@ -208,6 +208,8 @@ def _ops(mesh, X, params, seed):
     out["scores"] = mp.unshard(torch.einsum("bsc,btc->bst", y, mp.reshard(y, P())))
     out["contract_seq"] = mp.unshard(torch.einsum("bsc,bsd->bcd", y, x))  # contraction over the zigzag dim
     out["dropout"] = mp.unshard(mp.ops.dropout.dropout(y, 0.3, seed=seed))
+    hz = mp.reshard(mp.reshard(y, P()).reshape(X.shape[0] * X.shape[1], X.shape[2]), P(None, ZS))  # zigzag hidden
+    out["norm_hidden"] = mp.unshard(F.layer_norm(hz, (X.shape[2],), mp.shard(ps[0], P(ZS), mesh)))
     loss = (out["y"] ** 2).sum() + out["contract_seq"].sum() + out["sum_seq"].sum()
     loss.backward()
     grads = [xg.grad] + [p.grad for p in ps]
@@ -222,7 +224,8 @@ def _dense_ops(X, params, seed):
     out = dict(y=y, sum_seq=y.sum(1), amax_seq=y.amax(1), mean=y.mean(),
                merge=y.reshape(X.shape[0], X.shape[1] // 2, 2 * X.shape[2]), transpose=y.transpose(0, 1),
                scores=torch.einsum("bsc,btc->bst", y, y), contract_seq=torch.einsum("bsc,bsd->bcd", y, xg),
-               dropout=dropout(y, 0.3, seed=seed))
+               dropout=dropout(y, 0.3, seed=seed),
+               norm_hidden=F.layer_norm(y.reshape(-1, X.shape[2]), (X.shape[2],), ps[0]))
     loss = (out["y"] ** 2).sum() + out["contract_seq"].sum() + out["sum_seq"].sum()
     loss.backward()
     return {k: v.detach() for k, v in out.items()}, [xg.grad] + [p.grad for p in ps]
@@ -230,7 +233,7 @@ def _dense_ops(X, params, seed):
 
 def test_blockwise_ops_on_zigzag_equal_dense(pool):
     g = torch.Generator().manual_seed(0)
-    B, S, C = 2, 16, 6
+    B, S, C = 2, 16, 8
     X = torch.randn(B, S, C, generator=g, dtype=torch.float64)
     params = [torch.randn(s, generator=g, dtype=torch.float64) * 0.5
               for s in ((C,), (C,), (2 * C, C), (2 * C,), (2 * C, C))]

@@ -100,14 +100,15 @@ def _param_local(p, x: ShardedTensor, name: str, axes: tuple[str, ...]):
 
 
 def _prepare(x: ShardedTensor, what: str, true_size: int | None):
-    if x.spec.unreduced:
-        x = reduce_unreduced(x)
     axes = x.spec.axes_of(x.ndim - 1)
     n = x.shape[-1]
     true_size = n if true_size is None else int(true_size)
     if not 0 < true_size <= n:
         raise ShardingError(f"{what}: true_size {true_size} must be in [1, {n}] (the padded hidden size)")
-    off = block_offset(x._gshape, x.spec, x.mesh, -1)
+    # the hidden offset only places the padding mask (a zigzag hidden dim works unpadded)
+    off = 0 if true_size == n else block_offset(x._gshape, x.spec, x.mesh, -1)
+    if x.spec.unreduced:
+        x = reduce_unreduced(x)
     return x, axes, true_size, off
 
 
