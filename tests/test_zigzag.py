@@ -55,7 +55,7 @@ def test_plan_treats_zigzag_as_its_own_axis():
     assert plan(P("sp"), P(ZS), 1) == [Step("all_gather", ("sp",), 0), Step("slice", (ZS,), 0)]
     assert plan(P(ZS), P(), 1) == [Step("all_gather", (ZS,), 0)]
     assert plan(P(ZS), P(None, ZS), 2) == [Step("all_to_all", (ZS,), 1, 0)]
-    assert plan(P(unreduced=["sp"]), P(ZS), 1) == [Step("psum", ("sp",)), Step("slice", (ZS,), 0)]
+    assert plan(P(unreduced=["sp"]), P(ZS), 1) == [Step("reduce_scatter", (ZS,), 0)]
 
 
 # ----------------------------------------------------------------------------------------------- round trips
@@ -154,10 +154,20 @@ def _move(mesh, X):
     return torch.equal(mp.unshard(y), X), dict(c.by_kind), c.bytes[("sp",)], x._local.numel() * 8
 
 
+def _reduce_into(mesh, X):
+    part = mp.from_local(X / mesh.size("sp"), P(unreduced=["sp"]), mesh)  # partial sums of X
+    with CommCounter() as c:
+        y = mp.reshard(part, P(ZS, None))
+    return torch.equal(y._local, mp.shard(X, P(ZS, None), mesh)._local), dict(c.by_kind)
+
+
 def test_reshard_moves_zigzag_between_dims_with_one_all_to_all(pool):
     X = torch.randn(16, 8, dtype=torch.float64)
     for ok, kinds, nbytes, b in pool.run(_move, (4,), ("sp",), X):
         assert ok and kinds == {"all_to_all": 1} and nbytes == 3 / 4 * b
+    X = torch.arange(16 * 8, dtype=torch.float64).view(16, 8)  # exact in float64 after /4 and the sum
+    for ok, kinds in pool.run(_reduce_into, (4,), ("sp",), X):
+        assert ok and kinds == {"reduce_scatter": 1}
 
 
 def _bad_layout(mesh):

@@ -7,6 +7,7 @@ the local blocks in rank order gives the *storage order* ``[0, 2n-1, 1, 2n-2, ..
 
 * :func:`zigzag_slice`: replicated -> zigzag along a dim (free, local); backward all-gathers.
 * :func:`zigzag_gather`: zigzag -> replicated along a dim (one all-gather, then a local reorder).
+* :func:`zigzag_reduce_scatter`, :func:`zigzag_all_to_all`: the other two reshard steps.
 """
 from __future__ import annotations
 
@@ -91,6 +92,13 @@ def zigzag_gather(x: torch.Tensor, mesh: Mesh, axes: tuple[str, ...], dim: int, 
     """Zigzag over ``axes`` on ``dim`` -> whole, in natural order: one all-gather of ``(n-1)·b`` bytes."""
     g = MA.all_gather(x, mesh, axes, dim) if differentiable else C.all_gather(x, mesh, axes, dim)
     return to_natural(g, mesh.size(axes), dim)
+
+
+def zigzag_reduce_scatter(x: torch.Tensor, mesh: Mesh, axes: tuple[str, ...], dim: int,
+                          differentiable: bool) -> torch.Tensor:
+    """Sum partial values over ``axes`` into a zigzag split of ``dim`` (one reduce-scatter, ``(n-1)/n·b``)."""
+    x = to_storage(x, mesh.size(axes), dim)
+    return MA.psum_scatter(x, mesh, axes, dim) if differentiable else C.reduce_scatter(x.contiguous(), mesh, axes, dim)
 
 
 def zigzag_all_to_all(x: torch.Tensor, mesh: Mesh, axes: tuple[str, ...], split_dim: int, concat_dim: int,
