@@ -110,8 +110,8 @@ def block_positions(x: ShardedTensor, dim: int = 1) -> torch.Tensor:
     return _block_positions(x._gshape, x.spec, x.mesh, dim, device=x._local.device)
 
 
-def add_positional_sp(x: torch.Tensor, wpe: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """``x + wpe[positions]`` for ``x [B, T, C]`` whose sequence dim is split over ``plan.seq_axes``.
+def add_positional_sp(x: torch.Tensor, wpe: torch.Tensor) -> torch.Tensor:
+    """``x + wpe[positions]`` for ``x [B, T, C]`` whose sequence dim (1) is split (contiguous or zigzag).
 
     Each rank adds the rows of ``wpe`` at the *global* positions of its block (see
     :func:`block_positions`). ``wpe [T_max, C]`` must be a ShardedTensor with spec ``P(None, Ca)``,
@@ -206,7 +206,7 @@ def forward(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: GPTConfig, 
 
     idx = plan.place(idx, "tokens")
     x = constrain(embedding(idx, params["wte"]), resid)
-    x = drop(add_positional_sp(x, params["wpe"], plan) if sp else add_positional(x, params["wpe"]), 0)
+    x = drop(add_positional_sp(x, params["wpe"]) if sp else add_positional(x, params["wpe"]), 0)
     for l in range(cfg.n_layer):
         pre = f"h.{l}."
         h = ln(x, pre + "ln_1")
