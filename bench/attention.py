@@ -5,7 +5,7 @@ over 4 ranks. Variants, all timed in the same run:
 
 * ``1gpu``        ``F.scaled_dot_product_attention`` on the whole problem on one device; ideal = t_1 / 4
 * ``ring``        meshpar ring attention (zigzag-balanced causal, overlapped ring), called as
-                  ``F.scaled_dot_product_attention`` on ShardedTensors ``P(None, None, "sp", None)``
+                  ``F.scaled_dot_product_attention`` on ShardedTensors ``P(None, None, Zigzag("sp"), None)``
 * ``all_to_all``  meshpar Ulysses attention (same call, ``sequence_parallel(mode="all_to_all")``)
 * ``torch_cp``    ``torch.distributed.tensor.experimental.context_parallel`` (load-balanced by default),
                   rotate method ``allgather`` and ``alltoall``; q/k/v are built inside the context as
@@ -81,7 +81,7 @@ def bench_size(s: int, args, mesh, dmesh) -> list[dict]:
     g = torch.Generator(device=dev).manual_seed(4321 + s)
     X = [torch.randn(b, h, s, d, generator=g, device=dev, dtype=dt) for _ in range(3)]
     G = torch.randn(b, h, s, d, generator=g, device=dev, dtype=dt)
-    spec = mp.P(None, None, "sp", None)
+    spec = mp.P(None, None, mp.Zigzag("sp"), None)  # load-balanced causal layout
     rows: list[dict] = []
     flops = _flops(b, h, s, d)
 
@@ -104,13 +104,13 @@ def bench_size(s: int, args, mesh, dmesh) -> list[dict]:
     rows.append({"S": s, "case": "1gpu", "time_s": t1, "tflops_per_gpu": flops / t1 / 1e12, "ratio_to_ideal": None})
 
     def ours(mode: str):
-        xs = [A.shard_balanced(x, spec, mesh) for x in X]
-        gs = A.shard_balanced(G, spec, mesh)
+        xs = [mp.shard(x, spec, mesh) for x in X]  # Zigzag("sp"): rank r keeps chunks r and 2sp-1-r
+        gs = mp.shard(G, spec, mesh)
         a = torch.ones((), device=dev, dtype=dt, requires_grad=True)
 
         def step(keep=None):
             a.grad = None
-            with A.sequence_parallel(mode=mode, balanced=True):
+            with A.sequence_parallel(mode=mode):
                 q, k, v = (x * a for x in xs)
                 if keep is not None:
                     q.retain_grad()

@@ -6,11 +6,11 @@
 from .errors import ShardingError, CollectiveTimeout
 from .mesh import Mesh, CommCounter, current_mesh
 from . import mesh
-from .sharding import P, ShardedTensor, shard, from_local, unshard, reshard, shard_map
+from .sharding import P, Zigzag, ShardedTensor, shard, from_local, unshard, reshard, shard_map
 from . import ops  # registers the op rules
 
 __all__ = ["ShardingError", "CollectiveTimeout", "Mesh", "CommCounter", "current_mesh", "mesh",
-           "P", "ShardedTensor", "shard", "from_local", "unshard", "reshard", "shard_map", "ops"]
+           "P", "Zigzag", "ShardedTensor", "shard", "from_local", "unshard", "reshard", "shard_map", "ops"]
 
 
 def __getattr__(name):

@@ -51,9 +51,9 @@ def _run_sp(mesh, Q, K, V, dO, causal, mode, balanced, impl):
     sp, me = mesh.size("sp"), mesh.axis_index("sp")
     q, k, v = (_split(t, sp, me, balanced).requires_grad_(True) for t in (Q, K, V))
     do = _split(dO, sp, me, balanced)
-    with A.sequence_parallel(mode=mode, balanced=balanced, block_impl=impl):
+    with A.sequence_parallel(mode=mode, block_impl=impl):
         with CommCounter() as cf, A.attention_trace() as tr:
-            o = A.sp_attention(q, k, v, mesh, "sp", causal=causal)
+            o = A.sp_attention(q, k, v, mesh, "sp", causal=causal, balanced=balanced)
         with CommCounter() as cb, A.attention_trace() as trb:
             o.backward(do)
     return dict(o=o.detach(), dq=q.grad, dk=k.grad, dv=v.grad,
@@ -363,4 +363,7 @@ def test_unsupported_sdpa_features():
         check_call(dropout_p=0.1)
     with pytest.raises(ValueError, match="mode must be one of"):
         with A.sequence_parallel(mode="ulysses"):
+            pass
+    with pytest.raises(TypeError, match="Zigzag"):  # the layout is the spec's now
+        with A.sequence_parallel(balanced=True):
             pass

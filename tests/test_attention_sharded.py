@@ -1,5 +1,6 @@
 """``F.scaled_dot_product_attention`` on sequence-sharded ShardedTensors dispatches to ring /
-all-to-all attention; shard_balanced/unshard_balanced hide the zigzag layout."""
+all-to-all attention; a ``Zigzag("sp")`` sequence dim selects the load-balanced causal layout and
+shard/unshard hide the permutation."""
 from __future__ import annotations
 
 import pytest
@@ -20,16 +21,22 @@ def _globals(seed, B, H, S, D):
     return [torch.randn(B, H, S, D, generator=g, dtype=torch.float64) for _ in range(4)]
 
 
-def _sharded_sdpa(mesh, Q, K, V, dO, causal, mode, balanced, spec):
+def _zigzag(spec: tuple) -> tuple:
+    """The spec with its sequence dim (2) in the zigzag layout."""
+    return tuple(mp.Zigzag(e) if d == 2 else e for d, e in enumerate(spec))
+
+
+def _sharded_sdpa(mesh, Q, K, V, dO, causal, mode, spec, with_work=False):
     spec = P(*spec)
     q, k, v = (t.clone().requires_grad_(True) for t in (Q, K, V))
-    put = (lambda t: A.shard_balanced(t, spec, mesh)) if balanced else (lambda t: mp.shard(t, spec, mesh))
-    with A.sequence_parallel(mode=mode, balanced=balanced):
-        o = F.scaled_dot_product_attention(put(q), put(k), put(v), is_causal=causal)
+    with A.sequence_parallel(mode=mode), A.attention_trace() as tr:
+        o = F.scaled_dot_product_attention(*(mp.shard(t, spec, mesh) for t in (q, k, v)), is_causal=causal)
     assert isinstance(o, mp.ShardedTensor) and o.spec == spec and o.shape == Q.shape
-    og = A.unshard_balanced(o) if balanced else mp.unshard(o)
-    (og * dO).sum().backward()
-    return og.detach(), q.grad, k.grad, v.grad
+    og = mp.unshard(o)  # natural order in every layout
+    with A.attention_trace() as trb:
+        (og * dO).sum().backward()
+    out = (og.detach(), q.grad, k.grad, v.grad)
+    return out + ((tr.work("fwd"), trb.work("bwd")),) if with_work else out
 
 
 def _ref(Q, K, V, dO, causal):
@@ -48,25 +55,31 @@ def test_sdpa_rule_matches_dense(pool, sp, B, c, D, causal, mode, balanced, seed
     S = sp * c * (2 if balanced else 1)
     Q, K, V, dO = _globals(seed, B, H, S, D)
     ref = _ref(Q, K, V, dO, causal)
-    for res in pool.run(_sharded_sdpa, (sp,), ("sp",), Q, K, V, dO, causal, mode, balanced, (None, None, "sp", None)):
+    spec = (None, None, "sp", None)
+    out = pool.run(_sharded_sdpa, (sp,), ("sp",), Q, K, V, dO, causal, mode, _zigzag(spec) if balanced else spec,
+                   True)
+    for res in out:
         for name, got, r in zip(("o", "dq", "dk", "dv"), res, ref):
             assert (got - r).abs().max() < 1e-9, name
+    if mode == "ring" and causal:  # work per rank (half chunk-pairs), forward and backward, from the kernel trace
+        works = [res[4] for res in out]
+        assert works == ([(4 * sp,) * 2] * sp if balanced else [(2 * r + 1,) * 2 for r in range(sp)])
 
 
 def test_sdpa_rule_heads_over_tp(pool):
-    """Heads split over tp, sequence over sp (balanced ring): [B, H, S, D] with P(None, "tp", "sp", None)."""
+    """Heads split over tp, sequence over sp (balanced ring): [B, H, S, D] with P(None, "tp", Zigzag("sp"), None)."""
     Q, K, V, dO = _globals(1, 1, 4, 16, 4)
     ref = _ref(Q, K, V, dO, True)
-    for res in pool.run(_sharded_sdpa, (2, 4), ("tp", "sp"), Q, K, V, dO, True, "ring", True, (None, "tp", "sp", None)):
+    for res in pool.run(_sharded_sdpa, (2, 4), ("tp", "sp"), Q, K, V, dO, True, "ring", _zigzag((None, "tp", "sp", None))):
         for got, r in zip(res, ref):
             assert (got - r).abs().max() < 1e-9
 
 
 def test_sdpa_rule_sequence_over_two_axes(pool):
-    """The ring may span a tuple of mesh axes: sequence over ("tp", "sp") = 8 ranks, balanced."""
+    """The ring may span a tuple of mesh axes: sequence over ("tp", "sp") = 8 ranks (contiguous)."""
     Q, K, V, dO = _globals(4, 1, 2, 32, 4)
     ref = _ref(Q, K, V, dO, True)
-    for res in pool.run(_sharded_sdpa, (2, 4), ("tp", "sp"), Q, K, V, dO, True, "ring", True,
+    for res in pool.run(_sharded_sdpa, (2, 4), ("tp", "sp"), Q, K, V, dO, True, "ring",
                         (None, None, ("tp", "sp"), None)):
         for got, r in zip(res, ref):
             assert (got - r).abs().max() < 1e-9
@@ -77,7 +90,6 @@ def _bad_rule(mesh, case):
     x = torch.zeros(4, 4, 8, 2, dtype=torch.float64)
     q = k = v = mp.shard(x, spec, mesh)
     kw = {}
-    ctx = A.sequence_parallel()
     if case == "mask":
         kw["attn_mask"] = torch.ones(8, 8, dtype=torch.bool)
     elif case == "dropout":
@@ -86,10 +98,9 @@ def _bad_rule(mesh, case):
         k = mp.shard(x, P(None, "sp"), mesh)
     elif case == "plain":
         v = x
-    elif case == "balanced_len":
-        q = k = v = mp.shard(torch.zeros(1, 2, 12, 2), spec, mesh)
-        ctx = A.sequence_parallel(balanced=True)
-    with ctx, CommCounter() as c:
+    elif case == "mixed_layouts":  # a zigzag q with contiguous k/v: never computed silently
+        q = mp.shard(x, P(None, None, mp.Zigzag("sp"), None), mesh)
+    with CommCounter() as c:
         try:
             F.scaled_dot_product_attention(q, k, v, **kw)
         except ShardingError as e:
@@ -99,7 +110,7 @@ def _bad_rule(mesh, case):
 
 @pytest.mark.parametrize("case,match", [
     ("mask", "does not support attn_mask"), ("dropout", "dropout_p=0.5"), ("specs", "one spec"),
-    ("plain", "one spec"), ("balanced_len", r"12 % 8 = 4; pad")])
+    ("plain", "one spec"), ("mixed_layouts", r"Zigzag\('sp'\).*one spec|one spec.*Zigzag\('sp'\)")])
 def test_sdpa_rule_errors_before_communication(pool, case, match):
     import re
     for msg, calls in pool.run(_bad_rule, (4,), ("sp",), case):

@@ -27,6 +27,7 @@ CASES = {
     "sp2xtp2-a2a": ("1d+sp", (2, 2), ("sp", "tp"), "all_to_all", False),
     "data2xsp2-ring": ("sp", (2, 2), ("data", "sp"), "ring", True),
     "data2xsp2xtp2-a2a": ("1d+sp", (2, 2, 2), ("data", "sp", "tp"), "all_to_all", False),
+    "sp2xtp2-a2a-balanced": ("1d+sp", (2, 2), ("sp", "tp"), "all_to_all", True),
 }
 
 
@@ -112,6 +113,21 @@ def test_gpt_sp_adamw_padded_heads_match_dense(pool):
         assert abs(a - b) <= 1e-9 * abs(b)
     for n, t in final.items():
         assert _rel(t, ref[n]) < 1e-9, (n, _rel(t, ref[n]))
+
+
+def _plan_specs(mesh):
+    plan = make_plan("1d+sp", mesh, balanced=True)
+    return plan.act, plan.seq_axes
+
+
+def test_balanced_plan_is_a_spec_tag(pool):
+    """balanced=True is the layout of the activations' sequence dim, nothing else."""
+    from meshpar import P, Zigzag
+    act, seq_axes = pool.run(_plan_specs, (2, 2), ("sp", "tp"))[0]
+    z = Zigzag("sp")
+    assert seq_axes == (z,)
+    assert act == dict(tokens=P(None, z), resid=P(None, z, None), inner=P(None, z, "tp"), logits=P(None, z, "tp"),
+                       targets=P(None, z))
 
 
 def _generate(mesh, balanced, cfg, seed):

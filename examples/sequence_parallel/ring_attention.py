@@ -27,7 +27,10 @@ dev = mesh.device
 B, H, S, D = 2, 4, 32 * sp, 16
 g = torch.Generator().manual_seed(0)
 Q, K, V = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64).to(dev) for _ in range(3))
-spec = P(None, None, "sp", None)  # sequence (dim 2) split over the "sp" axis
+# sequence (dim 2) split over "sp" in the load-balanced zigzag layout: rank r holds chunks r and
+# 2*sp-1-r of 2*sp, so causal attention costs every rank the same. (P(None, None, "sp", None) is the
+# contiguous layout: also exact, but the last rank then does 2*sp-1 times the work of the first.)
+spec = P(None, None, mp.Zigzag("sp"), None)
 
 # dense reference
 q0, k0, v0 = (t.clone().requires_grad_() for t in (Q, K, V))
@@ -36,11 +39,10 @@ ref.square().sum().backward()
 
 for mode in ("ring", "all_to_all"):
     q1, k1, v1 = (t.clone().requires_grad_() for t in (Q, K, V))
-    with mp.CommCounter() as comm, A.sequence_parallel(mode=mode, balanced=True):
-        # shard_balanced = zigzag permute + shard: rank r holds chunks r and 2*sp-1-r
-        q, k, v = (A.shard_balanced(t, spec, mesh) for t in (q1, k1, v1))
+    with mp.CommCounter() as comm, A.sequence_parallel(mode=mode):
+        q, k, v = (mp.shard(t, spec, mesh) for t in (q1, k1, v1))  # each rank keeps its two chunks
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # dispatches to ring / all-to-all
-        out = A.unshard_balanced(o)  # natural order again, global on every rank
+        out = mp.unshard(o)  # natural order again, global on every rank
         out.square().sum().backward()
     err = max((out - ref).abs().max().item(),
               *((a.grad - b.grad).abs().max().item() for a, b in ((q1, q0), (k1, k0), (v1, v0))))
@@ -52,7 +54,8 @@ for mode in ("ring", "all_to_all"):
 
 # the per-block view for model code: activations [B, S/sp, H*D] sharded on the sequence
 x = torch.randn(B, S // sp, H * D, dtype=torch.float64, device=dev)
-y = A.sp_attention_bsh(x, x, x, head_dim=D, mesh=mesh, axis="sp", causal=True)  # local blocks in, local block out
+y = A.sp_attention_bsh(x, x, x, head_dim=D, mesh=mesh, axis="sp", causal=True,
+                      balanced=True)  # local zigzag blocks in, local block out (blocks carry no spec: say the layout)
 if mesh.rank == 0:
     print(f"sp_attention_bsh: local [B, S/sp, H*D] {tuple(x.shape)} -> {tuple(y.shape)}")
 dist.destroy_process_group()

@@ -24,12 +24,20 @@ _DEFAULT_MESH: contextvars.ContextVar["Mesh | None"] = contextvars.ContextVar("m
 
 
 def normalize_axes(axes: str | Sequence[str] | None) -> Axes:
-    """``"x"`` -> ``("x",)``; ``("x","y")`` stays; ``None`` -> ``()``."""
+    """``"x"`` -> ``("x",)``; ``("x","y")`` stays; ``None`` -> ``()``.
+
+    Layout-tagged names (``meshpar.Zigzag("x")``, a ``str`` subclass) become plain names: a
+    collective over an axis does not depend on how a tensor is laid out along it.
+    """
     if axes is None:
         return ()
     if isinstance(axes, str):
-        return (axes,)
-    return tuple(axes)
+        return (axes if type(axes) is str else str.__str__(axes),)
+    t = tuple(axes)
+    for a in t:
+        if type(a) is not str:
+            return tuple(str.__str__(a) if isinstance(a, str) else a for a in t)
+    return t
 
 
 class Mesh:
@@ -146,7 +154,7 @@ class Mesh:
 
     def coord(self, axis: str) -> int:
         """This rank's coordinate along ``axis``."""
-        self.check_axes(axis)
+        (axis,) = self.check_axes(axis)
         if self._coords is None:
             raise ShardingError(f"world rank {self.world_rank} is not part of mesh {self}")
         return self._coords[self.names.index(axis)]

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from ..errors import ShardingError
 from ..nn.functional import (add_positional, causal_attention, constrain, cross_entropy, dropout, embedding,
                              layer_norm, linear)
-from ..ops.attention import sp_attention_bsh, zigzag_index, zigzag_unpermute
+from ..ops.attention import sp_attention_bsh
 from ..sharding.api import unshard
 from ..sharding.core import enter, reduce_unreduced, wrap
-from ..sharding.layout import block_offsets, local_shape
+from ..sharding.layout import block_positions as _block_positions, local_shape
 from ..sharding.spec import P
 from ..sharding.tensor import ShardedTensor
 from .plans import Plan, padded_sizes, shard_params
@@ -101,22 +101,17 @@ def init_params(cfg: GPTConfig, seed: int = 0, dtype: torch.dtype = torch.float3
     return out
 
 
-def block_positions(x: ShardedTensor, plan: Plan) -> torch.Tensor:
-    """Global positions of the rows of ``x``'s local block along the sequence dim (1).
+def block_positions(x: ShardedTensor, dim: int = 1) -> torch.Tensor:
+    """Global positions of the rows of ``x``'s local block along the sequence dim (``dim``).
 
-    Contiguous layout: ``[off, off + T_loc)``. Balanced layout: the storage order is the zigzag
-    permutation of the natural order, so the block holds ``zigzag_index(T)[off : off + T_loc]``.
+    Contiguous layout: ``[off, off + T_loc)``; zigzag (``Zigzag("sp")``): chunk ``r`` then chunk
+    ``2sp-1-r`` (see :func:`meshpar.sharding.layout.block_positions`).
     """
-    T = x.shape[1]
-    off = block_offsets(x._gshape, x.spec, x.mesh)[1]
-    n = local_shape(x._gshape, x.spec, x.mesh)[1]
-    if plan.balanced:
-        return zigzag_index(T, plan.seq_split)[off:off + n]
-    return torch.arange(off, off + n)
+    return _block_positions(x._gshape, x.spec, x.mesh, dim, device=x._local.device)
 
 
-def add_positional_sp(x: torch.Tensor, wpe: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """``x + wpe[positions]`` for ``x [B, T, C]`` whose sequence dim is split over ``plan.seq_axes``.
+def add_positional_sp(x: torch.Tensor, wpe: torch.Tensor) -> torch.Tensor:
+    """``x + wpe[positions]`` for ``x [B, T, C]`` whose sequence dim (1) is split (contiguous or zigzag).
 
     Each rank adds the rows of ``wpe`` at the *global* positions of its block (see
     :func:`block_positions`). ``wpe [T_max, C]`` must be a ShardedTensor with spec ``P(None, Ca)``,
@@ -134,7 +129,7 @@ def add_positional_sp(x: torch.Tensor, wpe: torch.Tensor, plan: Plan) -> torch.T
     if x.shape[1] > wpe.shape[0]:
         raise ShardingError(f"add_positional_sp: sequence length {x.shape[1]} exceeds the {wpe.shape[0]} "
                             "positions of wpe")
-    pos = block_positions(x, plan).to(x._local.device)
+    pos = block_positions(x, 1)
     vary = tuple(a for a in x.spec.sharded_axes() if a not in wpe.spec.sharded_axes())
     return wrap(enter(x) + enter(wpe, vary).index_select(0, pos), x.spec, x.mesh, x._gshape)
 
@@ -159,7 +154,7 @@ def attention_sp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: in
         raise ShardingError(f"attention: the hidden dim ({q.shape[2]}) split over {q.spec.axes_of(2)} gives blocks "
                             f"of {hl}, not whole heads of {head_dim}")
     y = sp_attention_bsh(enter(q), enter(k), enter(v), head_dim, q.mesh, plan.seq_axes, causal=True,
-                         mode=plan.sequence_mode, balanced=plan.balanced)
+                         mode=plan.sequence_mode, balanced=q.spec.layout_of(1) == "zigzag")
     return wrap(y, q.spec, q.mesh, q._gshape)
 
 
@@ -177,9 +172,8 @@ def forward(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: GPTConfig, 
         train: enables dropout (``cfg.dropout``); masks come from ``seed`` and are layout-independent,
             so every mode drops the same elements as the dense model.
     Returns:
-        ``[B, T, V]`` (plain) or ``[B, T, V_padded]`` ShardedTensor with spec ``plan.act['logits']``.
-        With ``plan.balanced`` the sequence dim of the logits is in the zigzag storage order
-        (:func:`~meshpar.ops.attention.zigzag_unpermute` it, dim 1, after ``unshard``).
+        ``[B, T, V]`` (plain) or ``[B, T, V_padded]`` ShardedTensor with spec ``plan.act['logits']``
+        (``unshard`` gives natural order in every layout, balanced included).
     Raises:
         ShardingError: under a sequence-parallel plan, when ``T`` is not a multiple of
             ``plan.seq_multiple`` or when training with dropout (ring/all-to-all attention has none).
@@ -212,7 +206,7 @@ def forward(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: GPTConfig, 
 
     idx = plan.place(idx, "tokens")
     x = constrain(embedding(idx, params["wte"]), resid)
-    x = drop(add_positional_sp(x, params["wpe"], plan) if sp else add_positional(x, params["wpe"]), 0)
+    x = drop(add_positional_sp(x, params["wpe"]) if sp else add_positional(x, params["wpe"]), 0)
     for l in range(cfg.n_layer):
         pre = f"h.{l}."
         h = ln(x, pre + "ln_1")
@@ -266,8 +260,6 @@ def generate(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: GPTConfig,
         logits = forward(params, ctx, cfg, plan)
         if isinstance(logits, ShardedTensor):
             logits = unshard(logits)
-            if plan.balanced:
-                logits = zigzag_unpermute(logits, plan.seq_split, dim=1)
         last = logits[:, T - 1, :cfg.vocab_size].double()
         if temperature == 0.0:
             nxt = last.argmax(-1, keepdim=True)

@@ -26,14 +26,15 @@ b_out       P()                      P("y")                   P("k")            
 mlp.proj (inner -> resid). In 1d the output of a ``w_out`` matmul is a partial sum over "tp",
 reduced by the ``resid`` constraint (Megatron's row-parallel all-reduce).
 
-Sequence parallel modes split the sequence (dim 1) of every activation over the mesh axis "sp":
+Sequence parallel modes split the sequence (dim 1) of every activation over the mesh axis "sp"
+(``S`` below: ``"sp"``, or ``Zigzag("sp")`` with ``balanced=True``):
 
 ==========  =======================  ==========================
 role        sp (sp)                  1d+sp (tp, sp)
 ==========  =======================  ==========================
-tokens      P(B, "sp")               P(B, "sp")
-resid       P(B, "sp", None)         P(B, "sp", None)
-inner       P(B, "sp", None)         P(B, "sp", "tp")
+tokens      P(B, S)                  P(B, S)
+resid       P(B, S, None)            P(B, S, None)
+inner       P(B, S, None)            P(B, S, "tp")
 weights     P() (all replicated)     as 1d
 ==========  =======================  ==========================
 
@@ -41,9 +42,10 @@ Norms, MLPs, the embedding, the LM head and the loss are per token and run block
 sequence blocks (replicated weights get their gradients summed over "sp"). Attention runs ring
 attention (``sequence_mode="ring"``) or all-to-all attention (``"all_to_all"``, which pads the
 heads to a multiple of sp, or of tp*sp with "1d+sp") on the local blocks; position embeddings
-are looked up at each block's global positions. With ``balanced=True`` the tokens are laid out
-in the zigzag (head-tail) order so causal ring work is equal on every rank (see
-docs/sequence-parallel.md).
+are looked up at each block's global positions. With ``balanced=True`` the sequence dim is
+``Zigzag("sp")`` (rank ``r`` holds chunks ``r`` and ``2sp-1-r``) so causal ring work is equal on
+every rank; ``shard``/``unshard`` permute, so tokens, targets and logits stay in natural order
+(see docs/sequence-parallel.md).
 """
 from __future__ import annotations
 
@@ -54,9 +56,8 @@ import torch
 
 from ..errors import ShardingError
 from ..mesh import Mesh
-from ..ops.attention.layout import zigzag_permute
 from ..sharding.api import shard
-from ..sharding.spec import P
+from ..sharding.spec import P, Zigzag
 from ..sharding.tensor import ShardedTensor
 
 MODES = ("dense", "1d", "2d", "2.5d", "3d", "sp", "1d+sp")
@@ -77,10 +78,11 @@ class Plan:
             ``logits`` [B,T,V], ``targets`` [B,T].
         roles: parameter specs by role (see the module table).
         multiples: padding multiples ``{"vocab", "embd", "heads", "ff"}``.
-        seq_axes: mesh axes the sequence dim (1) of the activations is split over (``()`` when whole).
+        seq_axes: the spec axes of the activations' sequence dim (1): ``("sp",)``, ``(Zigzag("sp"),)``
+            when balanced, ``()`` when whole.
         sequence_mode: attention over a split sequence: ``"ring"`` or ``"all_to_all"``.
-        balanced: tokens/targets are laid out in the zigzag order (:meth:`place` permutes them),
-            so causal ring attention does equal work on every rank.
+        balanced: the sequence dim is ``Zigzag("sp")`` (load-balanced causal layout), so causal
+            ring attention does equal work on every rank.
     """
 
     mode: str
@@ -113,9 +115,8 @@ class Plan:
     def place(self, x: torch.Tensor, act: str) -> torch.Tensor:
         """Lay out a global (replicated) activation/input ``x`` as ``act`` (a free local slice).
 
-        With a split sequence, ``x``'s dim 1 must divide into :attr:`seq_multiple` blocks; in the
-        balanced layout it is zigzag-permuted first (tokens and targets alike, so a per-token loss
-        is unchanged).
+        With a split sequence, ``x``'s dim 1 must divide into :attr:`seq_multiple` blocks (in the
+        balanced layout each rank keeps its two zigzag chunks; ``x`` is in natural order).
         """
         if self.dense or isinstance(x, ShardedTensor):
             return x
@@ -126,8 +127,6 @@ class Plan:
                 raise ShardingError(f"sequence length {T} (dim 1 of {act}) is not divisible by {how} over mesh "
                                     f"axes {self.seq_axes}; use a sequence length that is a multiple of "
                                     f"{self.seq_multiple}")
-            if self.balanced:
-                x = zigzag_permute(x, self.seq_split, dim=1)
         return shard(x, self.act[act], self.mesh)
 
 
@@ -225,20 +224,21 @@ def _sp_plan(mode: str, mesh: Mesh, s: Mapping[str, int], sequence_mode: str, ba
     """The "sp" / "1d+sp" plans (see the module table)."""
     b = _batch(mesh)
     sp = s["sp"]
+    seq = Zigzag("sp") if balanced else "sp"
     if mode == "sp":
-        act = dict(tokens=P(b, "sp"), resid=P(b, "sp", None), inner=P(b, "sp", None), logits=P(b, "sp", None),
-                   targets=P(b, "sp"))
+        act = dict(tokens=P(b, seq), resid=P(b, seq, None), inner=P(b, seq, None), logits=P(b, seq, None),
+                   targets=P(b, seq))
         roles = dict(wte=P(), wpe=P(), norm=P(), w_in=P(), b_in=P(), w_out=P(), b_out=P())
         t = 1
     else:
         t = s["tp"]
-        act = dict(tokens=P(b, "sp"), resid=P(b, "sp", None), inner=P(b, "sp", "tp"), logits=P(b, "sp", "tp"),
-                   targets=P(b, "sp"))
+        act = dict(tokens=P(b, seq), resid=P(b, seq, None), inner=P(b, seq, "tp"), logits=P(b, seq, "tp"),
+                   targets=P(b, seq))
         roles = dict(wte=P("tp", None), wpe=P(), norm=P(), w_in=P(None, "tp"), b_in=P("tp"),
                      w_out=P("tp", None), b_out=P())
     heads = t * sp if sequence_mode == "all_to_all" else t  # all-to-all splits each rank's heads over sp
     mult = dict(vocab=t, embd=t, heads=heads, ff=t)
-    return Plan(mode, mesh, act, roles, mult, seq_axes=("sp",), sequence_mode=sequence_mode, balanced=balanced)
+    return Plan(mode, mesh, act, roles, mult, seq_axes=(seq,), sequence_mode=sequence_mode, balanced=balanced)
 
 
 @dataclass(frozen=True)

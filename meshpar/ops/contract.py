@@ -24,7 +24,7 @@ from ..mesh import Mesh
 import functools
 
 from ..sharding.core import apply_plan, meta, operand_plan, reduce_unreduced
-from ..sharding.spec import P
+from ..sharding.spec import P, base_axis
 from ..sharding.tensor import ShardedTensor
 from ._util import gshape
 
@@ -71,7 +71,7 @@ def _plan_local(metas: tuple, labels: tuple, out_labels: str) -> LocalPlan | Non
                 axes[L] = ax
     seen: dict[str, str] = {}
     for L, ax in axes.items():
-        for a in ax:
+        for a in map(base_axis, ax):
             if a in seen and seen[a] != L:
                 return None
             seen[a] = L

@@ -34,7 +34,7 @@ from ..errors import ShardingError
 from ..mesh.autograd import pmax, psum
 from ..sharding.core import enter, reduce_unreduced, wrap
 from ..sharding.dispatch import register
-from ..sharding.layout import block_offsets, block_slices, local_shape
+from ..sharding.layout import block_offset, local_shape, take_block
 from ..sharding.spec import P
 from ..sharding.tensor import ShardedTensor
 
@@ -92,10 +92,10 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
                                 f"{lead} (logits {logits.spec}); reshard the targets to {lead}")
         t = targets._local
     else:
-        t = targets[block_slices(targets.shape, lead, mesh)] if nd > 1 else targets
+        t = take_block(targets, lead, mesh) if nd > 1 else targets
     va = logits.spec.axes_of(nd - 1)
     ba = lead.sharded_axes()
-    v0 = block_offsets(logits._gshape, logits.spec, mesh)[-1]
+    v0 = block_offset(logits._gshape, logits.spec, mesh, -1)
     vl = local_shape(logits._gshape, logits.spec, mesh)[-1]
 
     x = enter(logits)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..errors import ShardingError
 from ..sharding.core import enter, wrap
 from ..sharding.dispatch import register
-from ..sharding.layout import block_offsets
+from ..sharding.layout import block_offset, block_positions
 from ..sharding.tensor import ShardedTensor
 
 _M32 = 0xFFFFFFFF
@@ -50,13 +50,15 @@ def _combine(h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return _fmix(_mul32(h, 0x01000193) ^ (v & _M32))
 
 
-def uniform(shape: Sequence[int], offsets: Sequence[int], seed: int, site: int = 0,
+def uniform(shape: Sequence[int], offsets: Sequence, seed: int, site: int = 0,
             device: torch.device | str | None = None) -> torch.Tensor:
     """Deterministic uniforms in [0, 1) (float64) for the block ``[offsets, offsets + shape)``.
 
     Args:
         shape: block shape (local).
-        offsets: global index of the block's first element, per dimension.
+        offsets: per dimension, the global index of the block's first element (an int), or the
+            global indices of all its rows (a 1-d int64 tensor of length ``shape[d]``, e.g. a
+            zigzag dim's :func:`~meshpar.sharding.layout.block_positions`).
         seed, site: the stream; different (seed, site) pairs give independent masks.
     """
     if len(shape) != len(offsets):
@@ -68,7 +70,8 @@ def uniform(shape: Sequence[int], offsets: Sequence[int], seed: int, site: int =
     for d, (n, o) in enumerate(zip(shape, offsets)):
         view = [1] * nd
         view[d] = n
-        coord = torch.arange(o, o + n, dtype=torch.int64, device=device).view(view)
+        coord = (o.to(device=device, dtype=torch.int64) if isinstance(o, torch.Tensor)
+                 else torch.arange(o, o + n, dtype=torch.int64, device=device)).view(view)
         h = _combine(h, coord)
     h = h.expand(tuple(shape)) if nd else h
     return (h >> 8).to(torch.float64) * (1.0 / (1 << 24))
@@ -113,7 +116,8 @@ def dropout(x: torch.Tensor, p: float, *, seed: int, site: int = 0, train: bool 
     if x.spec.unreduced:
         raise ShardingError(f"dropout: input is unreduced over {x.spec.unreduced} (a partial sum); masking a "
                             "partial sum is not the dropout of the sum. reshard(x, P(*x.spec.entries)) first")
-    off = block_offsets(x._gshape, x.spec, x.mesh)
+    off = [block_positions(x._gshape, x.spec, x.mesh, d) if x.spec.layout_of(d) == "zigzag"
+           else block_offset(x._gshape, x.spec, x.mesh, d) for d in range(x.ndim)]
     loc = dropout_local(enter(x), off, p, seed, site)
     return wrap(loc, x.spec, x.mesh, x._gshape)
 

@@ -33,8 +33,8 @@ from ..mesh import collectives as C
 from ..mesh.autograd import psum, psum_scatter
 from ..sharding.core import enter, wrap
 from ..sharding.dispatch import register
-from ..sharding.layout import block_offsets, local_shape
-from ..sharding.spec import P
+from ..sharding.layout import block_offset, local_shape
+from ..sharding.spec import P, base_axis
 from ..sharding.tensor import ShardedTensor
 
 
@@ -63,8 +63,8 @@ def embedding(idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     nd = len(idx.shape)
     va, ha = weight.spec.axes_of(0), weight.spec.axes_of(1)
     idx_axes = [ispec.axes_of(d) for d in range(nd)]
-    flat_idx_axes = tuple(a for ax in idx_axes for a in ax)
-    clash = [a for a in ha if a in flat_idx_axes]
+    flat_idx_axes = ispec.sharded_axes()  # plain names (a zigzag ids dim is per token: order-free)
+    clash = [a for a in map(base_axis, ha) if a in flat_idx_axes]
     if clash:
         raise ShardingError(f"embedding: mesh axis {clash[0]!r} splits both the ids {ispec} and the weight's hidden "
                             f"dim {weight.spec}; the output [.., H] can't be split twice over it. Shard the weight's "
@@ -72,14 +72,14 @@ def embedding(idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     V = weight.shape[0]
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
         raise IndexError(f"embedding: a token id is out of range [0, {V}) on mesh rank {mesh.rank}")
-    gathered = [tuple(a for a in ax if a in va) for ax in idx_axes]
+    v0 = block_offset(weight._gshape, weight.spec, mesh, 0)  # (refuses a zigzag vocab before any collective)
+    vl = local_shape(weight._gshape, weight.spec, mesh)[0]
+    gathered = [tuple(a for a in ax if base_axis(a) in va) for ax in idx_axes]
     for d, g in enumerate(gathered):
         if g:
             ids = C.all_gather(ids, mesh, g, dim=d)
     vary = tuple(a for a in flat_idx_axes if a not in va)
     w = enter(weight, vary)
-    v0 = block_offsets(weight._gshape, weight.spec, mesh)[0]
-    vl = local_shape(weight._gshape, weight.spec, mesh)[0]
     ids = ids.long()
     rel = ids - v0
     hit = (rel >= 0) & (rel < vl)

@@ -27,8 +27,8 @@ from ..mesh import Mesh
 from ..mesh.autograd import psum, pvary
 from ..sharding.core import enter, reduce_unreduced, wrap
 from ..sharding.dispatch import register
-from ..sharding.layout import block_offsets
-from ..sharding.spec import P
+from ..sharding.layout import block_offset
+from ..sharding.spec import P, base_axis
 from ..sharding.tensor import ShardedTensor
 
 
@@ -95,19 +95,20 @@ def _param_local(p, x: ShardedTensor, name: str, axes: tuple[str, ...]):
                             f"split; the input {x.spec} needs a 1-d {name} with spec {want}")
     if p.shape[0] != x.shape[-1]:
         raise ShardingError(f"norm {name}: size {p.shape[0]} differs from the input's hidden size {x.shape[-1]}")
-    vary = tuple(a for a in x.spec.sharded_axes() if a not in axes)
+    vary = tuple(a for a in x.spec.sharded_axes() if a not in map(base_axis, axes))
     return enter(p, vary)
 
 
 def _prepare(x: ShardedTensor, what: str, true_size: int | None):
-    if x.spec.unreduced:
-        x = reduce_unreduced(x)
     axes = x.spec.axes_of(x.ndim - 1)
     n = x.shape[-1]
     true_size = n if true_size is None else int(true_size)
     if not 0 < true_size <= n:
         raise ShardingError(f"{what}: true_size {true_size} must be in [1, {n}] (the padded hidden size)")
-    off = block_offsets(x._gshape, x.spec, x.mesh)[-1]
+    # the hidden offset only places the padding mask (a zigzag hidden dim works unpadded)
+    off = 0 if true_size == n else block_offset(x._gshape, x.spec, x.mesh, -1)
+    if x.spec.unreduced:
+        x = reduce_unreduced(x)
     return x, axes, true_size, off
 
 

@@ -1,7 +1,8 @@
 """Elementwise ops with broadcasting: unary, binary, activations, casts.
 
 Output spec: each output dimension takes the axes of the operands that split it (they must
-agree, or be a prefix of one another). A replicated operand is sliced for free where the
+agree, or be a prefix of one another; a :class:`~meshpar.Zigzag` split agrees only with the same
+zigzag split, so zigzag and contiguous operands are never mixed silently). A replicated operand is sliced for free where the
 output is split; where it broadcasts over a split dimension it *varies* and its gradient is
 summed. Unreduced operands stay unreduced through linear ops (``a+b`` with equal unreduced
 axes, ``-a``, ``a*c``/``a/c`` with ``c`` not unreduced) and are reduced first otherwise.
@@ -16,7 +17,7 @@ import functools
 
 from ..sharding.core import apply_plan, local_in, meta, operand_plan, reduce_unreduced, wrap
 from ..sharding.dispatch import FAST, register, signature
-from ..sharding.spec import P
+from ..sharding.spec import P, base_axis
 from ..sharding.tensor import ShardedTensor
 from ._util import common_mesh, gshape
 
@@ -76,7 +77,7 @@ def _out_axes(metas, out_ndim: int) -> list[tuple[str, ...]]:
                                     "reshard one of them to match the other")
     seen = {}
     for d, ax in enumerate(out):
-        for a in ax:
+        for a in map(base_axis, ax):
             if a in seen and seen[a] != d:
                 raise ShardingError(f"mesh axis {a!r} splits dim {seen[a]} of one operand and dim {d} of another; "
                                     "reshard one of them")

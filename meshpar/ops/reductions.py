@@ -5,6 +5,10 @@
 * ``amax``/``amin``/``max``/``min`` reduce locally, then take the max/min over the axes;
   gradients follow torch: ``amax`` splits among ties, ``max(dim)`` goes to the returned index.
 * ``norm`` is built from the above (``sum(|x|^p)^(1/p)``, ``amax(|x|)`` for p=inf).
+
+All of these are order-free, so they work over a :class:`~meshpar.Zigzag` dim too, except
+``max``/``min`` *with indices* along it (the index is a position): that raises a ShardingError
+asking for a reshard to contiguous.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import math
 
 import torch
 
+from ..errors import ShardingError
 from ..mesh import collectives as C
 from ..sharding.core import enter, reduce_unreduced, wrap
 from ..sharding.dispatch import register, remember_unary
@@ -163,8 +168,12 @@ def _max(func, args, kwargs):
     if dim is None:
         return _extreme(x, tuple(range(nd)), False, is_max)
     keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
-    x = reduce_unreduced(x)
     d = norm_dims(dim, nd)[0]
+    if x.spec.layout_of(d) == "zigzag":
+        raise ShardingError(
+            f"{func.__name__}(dim={d}) returns positions, but dim {d} of {x.spec} is in the zigzag layout; reshard "
+            f"it to contiguous first: meshpar.reshard(x, {x.spec.contiguous()}), or use amax/amin for the values")
+    x = reduce_unreduced(x)
     axes = x.spec.axes_of(d)
     loc_len = x._local.shape[d]
     offset = (x.mesh.axis_index(axes) if axes else 0) * loc_len

@@ -4,6 +4,11 @@ stack and basic indexing. All are local (no communication).
 reshape rule: dims are matched in groups with equal products (as torch does). Within a group,
 only the group's first (major) input dim may be split, and the first output dim of the group
 inherits its axes, which must divide it. Anything else needs an explicit reshard.
+
+Zigzag (:class:`~meshpar.Zigzag`) dims: permute/transpose/(un)squeeze/expand/stack carry the tag
+along; a reshape keeps it correct too (a zigzag chunk of the major dim is a run of whole rows of
+the minor dims), as long as the new major dim is a multiple of ``2n``. Slicing, integer indexing,
+split/chunk/unbind and cat *along* a zigzag dim refuse (as for any split dim): reshard it first.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import torch
 from ..errors import ShardingError
 from ..sharding.core import enter, wrap
 from ..sharding.dispatch import register, remember_unary
-from ..sharding.spec import P
+from ..sharding.spec import P, is_zigzag
 from ..sharding.tensor import ShardedTensor
 from ._util import common_mesh, norm_dim
 
@@ -75,10 +80,13 @@ def reshape_spec(shape: Sequence[int], spec: P, new_shape: Sequence[int], mesh) 
                     f"dim of the merged group {[shape[i] for i in ga]}; reshard dim {d} to replicated first, or "
                     "split a major dim instead")
             n = mesh.size(ax)
+            if is_zigzag(ax) and n > 1:
+                n *= 2
             if new_shape[gb[0]] % n:
                 raise ShardingError(
                     f"reshape {tuple(shape)} -> {tuple(new_shape)}: new dim {gb[0]} of size {new_shape[gb[0]]} must "
-                    f"stay split over {ax} (size {n}) but does not divide; reshard first")
+                    f"stay split over {ax} ({n} {'zigzag chunks' if is_zigzag(ax) else 'blocks'}) but does not "
+                    "divide; reshard first")
             ents[gb[0]] = ax
     return P(*ents, unreduced=spec.unreduced)
 

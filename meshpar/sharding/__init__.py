@@ -1,9 +1,9 @@
 """Partition specs, layouts, ShardedTensor, the dispatcher, resharding and shard_map."""
-from .spec import P
+from .spec import P, Zigzag
 from .tensor import ShardedTensor, is_sharded
 from .api import shard, from_local, unshard, reshard
 from .shard_map import shard_map
-from .layout import local_shape, block_slices, block_offsets, validate
+from .layout import local_shape, block_slices, block_offsets, block_offset, block_positions, take_block, validate
 
-__all__ = ["P", "ShardedTensor", "is_sharded", "shard", "from_local", "unshard", "reshard", "shard_map",
-           "local_shape", "block_slices", "block_offsets", "validate"]
+__all__ = ["P", "Zigzag", "ShardedTensor", "is_sharded", "shard", "from_local", "unshard", "reshard", "shard_map",
+           "local_shape", "block_slices", "block_offsets", "block_offset", "block_positions", "take_block", "validate"]

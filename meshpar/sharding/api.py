@@ -8,7 +8,7 @@ import torch
 from ..errors import ShardingError
 from ..mesh import Mesh, current_mesh
 from .core import enter, slice_block, wrap
-from .layout import block_slices, local_shape, validate
+from .layout import local_shape, take_block, validate
 from .reshard import plan, run_steps
 from .spec import P
 from .tensor import ShardedTensor
@@ -28,7 +28,8 @@ def shard(x: torch.Tensor, spec: P, mesh: Mesh | None = None) -> ShardedTensor:
     """Lay out the global tensor ``x`` by ``spec``: every rank keeps its block.
 
     No communication when every rank holds the same ``x``. A ShardedTensor input is resharded.
-    Gradients flow back to ``x`` (as the full gradient on every rank).
+    Gradients flow back to ``x`` (as the full gradient on every rank). A :class:`~meshpar.Zigzag`
+    dim is cut into ``2n`` chunks and each rank keeps its two (``x`` stays in natural order).
     """
     spec = _as_spec(spec)
     if isinstance(x, ShardedTensor):
@@ -45,8 +46,8 @@ def shard(x: torch.Tensor, spec: P, mesh: Mesh | None = None) -> ShardedTensor:
         for d in range(x.ndim):
             loc = slice_block(loc, mesh, spec.axes_of(d), d)
         return wrap(loc, spec, mesh, x.shape)
-    loc = x[block_slices(x.shape, spec, mesh)]
-    if loc.numel() != x.numel() or not loc.is_contiguous():
+    loc = take_block(x, spec, mesh)
+    if (loc._is_view() and loc.numel() != x.numel()) or not loc.is_contiguous():
         loc = loc.clone(memory_format=torch.contiguous_format)
     return ShardedTensor(loc, spec, mesh, x.shape)
 
@@ -55,7 +56,9 @@ def from_local(block: torch.Tensor, spec: P, mesh: Mesh | None = None,
                shape: Sequence[int] | None = None) -> ShardedTensor:
     """View this rank's ``block`` as part of a global tensor laid out by ``spec``.
 
-    The global shape is ``block.shape`` times the axis sizes unless ``shape`` is given.
+    The global shape is ``block.shape`` times the axis sizes unless ``shape`` is given. Along a
+    :class:`~meshpar.Zigzag` dim the block must already be in that layout (chunk ``r``, then
+    chunk ``2n-1-r``).
     """
     spec = _as_spec(spec)
     mesh = current_mesh(mesh)
@@ -72,7 +75,9 @@ def from_local(block: torch.Tensor, spec: P, mesh: Mesh | None = None,
 
 
 def reshard(x: ShardedTensor, spec: P) -> ShardedTensor:
-    """Change ``x``'s layout to ``spec`` with the cheapest collectives (see :mod:`.reshard`)."""
+    """Change ``x``'s layout to ``spec`` with the cheapest collectives (see :mod:`.reshard`).
+
+    Zigzag <-> contiguous/replicated on one dim costs one all-gather plus local reorders."""
     spec = _as_spec(spec)
     if not isinstance(x, ShardedTensor):
         return shard(x, spec)
@@ -85,7 +90,7 @@ def reshard(x: ShardedTensor, spec: P) -> ShardedTensor:
 
 
 def unshard(x) -> torch.Tensor:
-    """The global tensor, on every rank (a plain tensor, connected to autograd)."""
+    """The global tensor, on every rank (a plain tensor in natural order, connected to autograd)."""
     if not isinstance(x, ShardedTensor):
         return x
     return enter(reshard(x, P()))

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ..mesh import Mesh, collectives as C
-from .spec import P
+from .spec import P, base_axis, is_zigzag
 from .tensor import ShardedTensor
 
 
@@ -63,8 +63,8 @@ def grad_block(g, spec: P, mesh: Mesh, shape) -> torch.Tensor:
             from .reshard import reshard_local
             return reshard_local(g._local, g.spec, P(*spec.entries), mesh, g._gshape)
         return g._local
-    from .layout import block_slices
-    return g[block_slices(shape, P(*spec.entries), mesh)]
+    from .layout import take_block
+    return take_block(g, P(*spec.entries), mesh)
 
 
 def enter(x: ShardedTensor, vary: Iterable[str] = ()) -> torch.Tensor:
@@ -98,9 +98,12 @@ class _SliceBlock(torch.autograd.Function):
 
 
 def slice_block(x: torch.Tensor, mesh: Mesh, axes: tuple[str, ...], dim: int) -> torch.Tensor:
-    """Replicated -> sharded over ``axes`` on ``dim`` as a free local slice (autograd-aware)."""
+    """Replicated -> sharded over ``axes`` on ``dim`` as a free local slice (autograd-aware; zigzag-aware)."""
     if not axes or mesh.size(axes) == 1:
         return x
+    if is_zigzag(tuple(axes)):
+        from .zigzag import zigzag_slice
+        return zigzag_slice(x, mesh, tuple(axes), dim)
     if torch.is_grad_enabled() and x.requires_grad:
         return _SliceBlock.apply(x, mesh, tuple(axes), dim)
     n = mesh.size(axes)
@@ -169,7 +172,7 @@ def operand_plan(m, out_spec: P, out_ndim: int, used: frozenset | None = None) -
             raise ShardingError(f"operand spec {xspec} dim {d} is split over {xax} but the result needs {oax}; "
                                 f"reshard the operand to match")
         slices.append((d, tuple(extra)))
-        sliced |= set(extra)
+        sliced |= {base_axis(a) for a in extra}
     return OperandPlan(tuple(sorted(used - have - sliced)), tuple(slices))
 
 

@@ -9,6 +9,13 @@ Steps, in order (``n`` = size of the axes involved, ``b`` = local bytes):
    else one all-gather (``(n-1)·b``);
 3. axes the target adds: a free local slice;
 4. axes that become unreduced: the value stays on index 0, others hold zeros (free).
+
+:class:`~meshpar.Zigzag` axes take part like any axis; a zigzag axis and its plain name are
+different axes to the planner, so zigzag <-> contiguous on one dim is an all-gather then a
+slice. Executing a step on a zigzag axis adds local reorders (:mod:`.zigzag`): the all-gather
+puts the gathered dim back in natural order, the slice keeps chunks ``r`` and ``2n-1-r``, a
+reduce-scatter into a zigzag dim reorders it to storage order first, and an all-to-all moving a
+zigzag axis between dims reorders both dims.
 """
 from __future__ import annotations
 
@@ -19,7 +26,8 @@ import torch
 
 from ..mesh import Mesh, collectives as C
 from ..mesh import autograd as A
-from .spec import P
+from . import zigzag as Z
+from .spec import P, base_axis, is_zigzag
 
 
 @dataclass(frozen=True)
@@ -41,9 +49,10 @@ def plan(src: P, tgt: P, ndim: int) -> list[Step]:
     for a in sorted(cur_unred - set(tgt.unreduced)):
         done = False
         for d in range(ndim):
-            if a in want[d] and want[d][: len(cur[d]) + 1] == cur[d] + (a,) and a not in in_use:
-                steps.append(Step("reduce_scatter", (a,), d))
-                cur[d] = cur[d] + (a,)
+            nxt = want[d][len(cur[d]): len(cur[d]) + 1]  # the next axis the target splits d over (maybe Zigzag(a))
+            if nxt and base_axis(nxt[0]) == a and want[d][: len(cur[d])] == cur[d] and a not in in_use:
+                steps.append(Step("reduce_scatter", nxt, d))
+                cur[d] = cur[d] + nxt
                 in_use.add(a)
                 done = True
                 break
@@ -87,13 +96,22 @@ def run_steps(local: torch.Tensor, steps: Sequence[Step], mesh: Mesh, differenti
     for s in steps:
         if s.kind == "psum":
             x = A.psum(x, mesh, s.axes) if differentiable else C.all_reduce(x, mesh, s.axes)
+        elif s.kind == "reduce_scatter" and is_zigzag(s.axes):
+            x = Z.zigzag_reduce_scatter(x, mesh, s.axes, s.dim, differentiable)
         elif s.kind == "reduce_scatter":
             x = A.psum_scatter(x, mesh, s.axes, s.dim) if differentiable else C.reduce_scatter(x, mesh, s.axes, s.dim)
+        elif s.kind == "all_gather" and is_zigzag(s.axes):
+            x = Z.zigzag_gather(x, mesh, s.axes, s.dim, differentiable)
         elif s.kind == "all_gather":
             x = A.all_gather(x, mesh, s.axes, s.dim) if differentiable else C.all_gather(x, mesh, s.axes, s.dim)
+        elif s.kind == "all_to_all" and is_zigzag(s.axes):
+            x = Z.zigzag_all_to_all(x, mesh, s.axes, s.dim, s.dim2, differentiable)
         elif s.kind == "all_to_all":
             x = (A.all_to_all(x, mesh, s.axes, s.dim, s.dim2) if differentiable
                  else C.all_to_all(x, mesh, s.axes, s.dim, s.dim2))
+        elif s.kind == "slice" and is_zigzag(s.axes):
+            x = Z.zigzag_slice(x, mesh, s.axes, s.dim) if differentiable else Z.take_local(
+                x, mesh.size(s.axes), mesh.axis_index(s.axes), s.dim)
         elif s.kind == "slice":
             x = slice_block(x, mesh, s.axes, s.dim) if differentiable else (
                 x.chunk(mesh.size(s.axes), dim=s.dim)[mesh.axis_index(s.axes)].contiguous())

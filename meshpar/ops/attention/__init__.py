@@ -2,9 +2,9 @@
 
 * :func:`sp_attention` / :func:`sp_attention_bsh`: attention of sequence-sharded local blocks.
 * :func:`sequence_parallel`: choose the variant for a block of code (context variable).
-* :func:`zigzag_permute` / :func:`zigzag_unpermute`: the balanced causal layout.
-* ``scaled_dot_product_attention`` on ShardedTensors sharded on dim 2 dispatches here once
-  :mod:`meshpar.sharding` exists (see :mod:`.rule`).
+* :func:`zigzag_permute` / :func:`zigzag_unpermute`: the balanced causal layout of global tensors
+  (ShardedTensors use the spec tag ``meshpar.Zigzag("sp")`` instead).
+* ``scaled_dot_product_attention`` on ShardedTensors sharded on dim 2 dispatches here (see :mod:`.rule`).
 """
 from .api import sp_attention, sp_attention_bsh
 from .block import block_backward, block_forward, merge_, select_impl
@@ -20,6 +20,4 @@ __all__ = ["sp_attention", "sp_attention_bsh", "sequence_parallel", "SPOptions",
            "rank_work", "Block", "block_forward", "block_backward", "merge_", "select_impl", "RingAttention",
            "all_to_all_attention", "attention_trace"]
 
-from .rule import shard_balanced, unshard_balanced  # noqa: E402  (registers the SDPA rule)
-
-__all__ += ["shard_balanced", "unshard_balanced"]
+from . import rule  # noqa: E402,F401  (registers the SDPA rule)

@@ -13,7 +13,7 @@ from .ulysses import all_to_all_attention
 
 def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh: Mesh | None = None, axis="sp", *,
                  causal: bool = False, scale: float | None = None, mode: str | None = None,
-                 balanced: bool | None = None, block_impl: str | None = None,
+                 balanced: bool = False, block_impl: str | None = None,
                  enable_gqa: bool = False) -> torch.Tensor:
     """Attention of sequence-sharded local blocks; differentiable.
 
@@ -25,9 +25,10 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh: Mesh |
             is sharded. The mesh defaults to the ``with mesh:`` one.
         causal: causal mask over *global* positions (needs ``Sq == Sk``).
         scale: softmax scale, default ``1/sqrt(D)``.
-        mode, balanced, block_impl: override :func:`~meshpar.ops.attention.sequence_parallel`.
-            ``balanced=True`` declares the blocks to be in the zigzag layout
-            (:func:`~meshpar.ops.attention.zigzag_permute`).
+        mode, block_impl: override :func:`~meshpar.ops.attention.sequence_parallel`.
+        balanced: the blocks are in the zigzag layout (rank ``r`` holds chunks ``r`` and
+            ``2sp-1-r``: what ``shard`` gives for a ``meshpar.Zigzag(axis)`` spec). Local blocks
+            carry no spec, so model code says it here; the SDPA rule reads it from the spec.
 
     Returns:
         ``[B, H, Sq/sp, D]``, this rank's output rows, in the same layout as ``q``.
@@ -39,7 +40,7 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh: Mesh |
     axes = mesh.check_axes(axis)
     opts = current_options()
     mode = opts.mode if mode is None else mode
-    balanced = opts.balanced if balanced is None else bool(balanced)
+    balanced = bool(balanced)
     block_impl = opts.block_impl if block_impl is None else block_impl
     if mode not in ("ring", "all_to_all"):
         raise ValueError(f"mode must be 'ring' or 'all_to_all', got {mode!r}")

@@ -54,7 +54,7 @@ def check_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sp: int, c
                 raise ShardingError(
                     f"balanced layout: the local {name} sequence block (dim 2) holds two equal chunks, but its "
                     f"length {t.shape[2]} is odd; the global sequence must be a multiple of 2*sp = {2 * sp} "
-                    "(pad it, e.g. meshpar.ops.attention.pad_to_multiple) or use balanced=False")
+                    "(pad it, e.g. meshpar.ops.attention.pad_to_multiple) or use the contiguous layout")
     if mode == "all_to_all":
         for name, t in (("q", q), ("k/v", k)):
             if t.shape[1] % sp:

@@ -10,7 +10,9 @@ amount of work::
     rank     0  1  2  3  3  2  1  0
 
 :func:`zigzag_permute` reorders a global tensor so that an ordinary contiguous shard gives every
-rank its two chunks; :func:`zigzag_unpermute` is its inverse.
+rank its two chunks; :func:`zigzag_unpermute` is its inverse. ShardedTensors carry the layout in
+their spec instead (``P(None, None, meshpar.Zigzag("sp"), None)``, see :mod:`meshpar.sharding.zigzag`)
+and ``shard``/``unshard`` do the permutation.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import dataclasses
 import torch
 
 from ...errors import ShardingError
+from ...sharding.zigzag import natural_index, storage_index
 
 
 def chunk_ids(rank: int, sp: int, balanced: bool) -> tuple[int, ...]:
@@ -34,14 +37,7 @@ def zigzag_order(sp: int) -> list[int]:
 def zigzag_index(seq_len: int, sp: int, *, inverse: bool = False, device: torch.device | None = None) -> torch.Tensor:
     """Index ``idx`` with ``permuted = x.index_select(dim, idx)`` (or its inverse when ``inverse``)."""
     check_balanced_len(seq_len, sp, what="sequence length")
-    c = seq_len // (2 * sp)
-    order = torch.tensor(zigzag_order(sp), device=device)
-    idx = (order.view(-1, 1) * c + torch.arange(c, device=device).view(1, -1)).reshape(-1)
-    if inverse:
-        inv = torch.empty_like(idx)
-        inv[idx] = torch.arange(seq_len, device=device)
-        return inv
-    return idx
+    return natural_index(seq_len, sp, device) if inverse else storage_index(seq_len, sp, device)
 
 
 def zigzag_permute(x: torch.Tensor, sp: int, dim: int = 2) -> torch.Tensor:
@@ -66,7 +62,8 @@ def check_balanced_len(seq_len: int, sp: int, what: str = "sequence length") -> 
         raise ShardingError(
             f"the balanced (zigzag) causal layout cuts the {what} {seq_len} into 2*sp = {2 * sp} equal chunks, "
             f"but {seq_len} % {2 * sp} = {seq_len % (2 * sp)}; pad the sequence to a multiple of {2 * sp} "
-            "(e.g. meshpar.ops.attention.pad_to_multiple) or use balanced=False")
+            "(e.g. meshpar.ops.attention.pad_to_multiple) or use the contiguous layout (a plain axis name "
+            "instead of meshpar.Zigzag)")
 
 
 @dataclasses.dataclass(frozen=True)

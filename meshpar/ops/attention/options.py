@@ -26,19 +26,12 @@ class SPOptions:
         mode: ``"ring"`` (K/V blocks travel around the ring; memory O(S/sp)) or ``"all_to_all"``
             (Ulysses: reshard sequence -> heads, full-sequence local attention, reshard back;
             needs ``heads % sp == 0``).
-        balanced: the sequence blocks are in the load-balanced zigzag layout (rank ``r`` holds
-            chunks ``r`` and ``2*sp-1-r`` of ``2*sp`` equal chunks, see
-            :func:`~meshpar.ops.attention.layout.zigzag_permute`). Only the caller knows how the
-            data was laid out, so this is off by default: with it off the blocks are contiguous
-            (rank ``r`` holds chunk ``r``), which is always correct but leaves causal ring work
-            unbalanced.
         block_impl: per-block kernel: ``"auto"`` (fused flash/efficient kernels on CUDA, plain
             torch elsewhere), ``"math"`` (plain torch, any dtype incl. float64), ``"cpu_fused"``
             (``aten._scaled_dot_product_flash_attention_for_cpu``), ``"flash"``, ``"cudnn"``, ``"efficient"``.
     """
 
     mode: Mode = "ring"
-    balanced: bool = False
     block_impl: BlockImpl = "auto"
 
     def __post_init__(self) -> None:
@@ -57,18 +50,24 @@ def current_options() -> SPOptions:
 
 
 @contextlib.contextmanager
-def sequence_parallel(mode: Mode | None = None, balanced: bool | None = None,
-                      block_impl: BlockImpl | None = None) -> Iterator[SPOptions]:
+def sequence_parallel(mode: Mode | None = None, block_impl: BlockImpl | None = None, *,
+                      balanced: None = None) -> Iterator[SPOptions]:
     """Select the sequence-parallel attention variant for the block; unset arguments are inherited.
+
+    The sequence layout is not an option: it is the spec's (``P(None, None, Zigzag("sp"), None)``
+    for the load-balanced causal layout, ``P(None, None, "sp", None)`` for contiguous blocks).
 
     Example::
 
-        with sequence_parallel(mode="ring", balanced=True):
+        with sequence_parallel(mode="all_to_all"):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     """
+    if balanced is not None:
+        raise TypeError("sequence_parallel(balanced=...) is gone: the balanced layout is part of the spec now. "
+                        "Shard q/k/v with P(None, None, meshpar.Zigzag('sp'), None) (shard/unshard permute "
+                        "transparently)")
     cur = _OPTIONS.get()
     new = SPOptions(mode=cur.mode if mode is None else mode,
-                    balanced=cur.balanced if balanced is None else bool(balanced),
                     block_impl=cur.block_impl if block_impl is None else block_impl)
     tok = _OPTIONS.set(new)
     try:

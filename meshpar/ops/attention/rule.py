@@ -1,25 +1,26 @@
-"""``scaled_dot_product_attention`` on ShardedTensors sharded on the sequence dim, and the
-balanced-layout helpers :func:`shard_balanced` / :func:`unshard_balanced`.
+"""``scaled_dot_product_attention`` on ShardedTensors sharded on the sequence dim.
 
-The rule takes q/k/v ``[B, H, S, D]`` (any leading dims) with one spec whose sequence dim
-(``-2``) is split over mesh axes ``sp`` (an axis or a tuple) and whose head dim (``-1``) is whole.
+The rule takes q/k/v ``[B, H, S, D]`` with one spec whose sequence dim (2) is split over mesh
+axes ``sp`` (an axis, a tuple of axes, or ``Zigzag(axis)``) and whose head dim (3) is whole.
 Batch and head dims may be split over other axes (data / tensor parallel); the result has q's
-spec. The variant comes from :func:`~meshpar.ops.attention.sequence_parallel`. Calls whose
-sequence dim is whole fall through to the generic local rule.
+spec. The layout comes from the spec: ``P(None, None, Zigzag("sp"), None)`` is the load-balanced
+causal layout (rank ``r`` holds chunks ``r`` and ``2sp-1-r``), a plain ``"sp"`` the contiguous
+one. The algorithm (ring / all-to-all) and the block kernel come from
+:func:`~meshpar.ops.attention.sequence_parallel`. Calls whose sequence dim is whole fall through
+to the generic local rule.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ...errors import ShardingError
-from ...sharding import P, ShardedTensor, shard, unshard
+from ...sharding import P, ShardedTensor
 from ...sharding.core import enter, reduce_unreduced, wrap
 from ...sharding.dispatch import register
+from ...sharding.spec import is_zigzag
 from .api import sp_attention
 from .checks import check_call
-from .layout import check_balanced_len, zigzag_permute, zigzag_unpermute
-from .options import current_options
+from .layout import check_balanced_len
 
 _NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _DEFAULTS = (None, None, None, None, 0.0, False, None, False)
@@ -59,39 +60,13 @@ def _sdpa_sequence_parallel(func, args, kwargs):
     if q.spec.axes_of(nd - 1):
         raise ShardingError(f"sequence-parallel attention: the head dim (dim {nd - 1}) of q is split over "
                             f"{q.spec.axes_of(nd - 1)}; reshard it whole, e.g. {P(*q.spec.padded(nd)[:-1], None)}")
-    opts = current_options()
     sp = mesh.size(sp_axes)
-    if opts.balanced:
+    balanced = is_zigzag(sp_axes)
+    if balanced:  # (shard/from_local validated this; kept for tensors built by other means)
         check_balanced_len(q._gshape[-2], sp, what="q sequence length (dim 2)")
         check_balanced_len(k._gshape[-2], sp, what="k/v sequence length (dim 2)")
     q, k, v = (reduce_unreduced(t) for t in (q, k, v))
     ql, kl, vl = (enter(t) for t in (q, k, v))
     out = sp_attention(ql, kl, vl, mesh, sp_axes, causal=bool(a["is_causal"]), scale=a["scale"],
-                       enable_gqa=bool(a["enable_gqa"]))
+                       balanced=balanced, enable_gqa=bool(a["enable_gqa"]))
     return wrap(out, P(*q.spec.entries), mesh, tuple(q._gshape[:-1]) + (v._gshape[-1],))
-
-
-def _sp_of(spec: P, mesh, dim: int) -> int:
-    axes = spec.axes_of(dim)
-    if not axes:
-        raise ShardingError(f"spec {spec} does not split dim {dim}; the balanced layout needs a sequence-sharded dim")
-    return mesh.size(axes)
-
-
-def shard_balanced(x: torch.Tensor, spec: P, mesh=None, dim: int = 2) -> ShardedTensor:
-    """``shard`` in the balanced causal layout: zigzag-permute ``dim`` of the global ``x``, then shard.
-
-    Use with ``sequence_parallel(balanced=True)``; :func:`unshard_balanced` restores natural order.
-    """
-    from ...mesh import current_mesh
-    mesh = current_mesh(mesh)
-    dim = dim % x.ndim
-    sp = _sp_of(spec if isinstance(spec, P) else P(*spec), mesh, dim)
-    check_balanced_len(x.shape[dim], sp, what=f"dim {dim}")
-    return shard(zigzag_permute(x, sp, dim), spec, mesh)
-
-
-def unshard_balanced(x: ShardedTensor, dim: int = 2) -> torch.Tensor:
-    """The global tensor in natural order of a ShardedTensor laid out by :func:`shard_balanced`."""
-    dim = dim % len(x._gshape)
-    return zigzag_unpermute(unshard(x), _sp_of(x.spec, x.mesh, dim), dim)

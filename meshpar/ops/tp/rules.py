@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from ...errors import ShardingError
 from ...sharding.core import enter, wrap
-from ...sharding.spec import P
+from ...sharding.spec import P, base_axis
 from ...sharding.tensor import ShardedTensor
 from .cube import cube_3d
 from .summa import summa_2d
@@ -121,7 +121,7 @@ def batched_matmul(a: ShardedTensor, b: ShardedTensor) -> ShardedTensor | None:
     if a.shape[-1] != b.shape[-2]:
         raise ShardingError(f"batched matmul {tuple(a.shape)} @ {tuple(b.shape)}: contraction sizes differ")
     m, n, red = ax[-2], bx[-1], ax[-1]
-    if set(m) & set(n):
+    if {base_axis(x) for x in m} & {base_axis(x) for x in n}:
         return None
     out = P.from_axes(ax[:-2] + (m, n), unreduced=red)
     al = enter(a, vary=n)
