@@ -47,6 +47,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Returns:
         ``[..., out]``.
     """
+    if bias is not None and not any(isinstance(t, ShardedTensor) for t in (x, weight, bias)):
+        # plain tensors: one fused GEMM + bias (addmm) instead of a matmul and a separate add
+        return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[-1])
     y = constrain(x @ weight, out_spec)
     return y if bias is None else y + bias
 
