@@ -47,7 +47,14 @@ class PipelineSetup:
 
     def gather(self) -> Any:
         """:attr:`source` with every stage's trained parameters copied into it, on every rank
-        (:meth:`~meshpar.pipeline.Pipeline.gather_blocks`). Collective over the pipe axis."""
+        (:meth:`~meshpar.pipeline.Pipeline.gather_blocks`). Collective over the pipe axis.
+
+        A module source is first moved to the pipeline's device and to the dtype its stages compute
+        in (bf16/fp16 under mixed precision), so all its parameters agree."""
+        if isinstance(self.source, nn.Module):
+            local = [getattr(p, "_local", p) for p in self.pipe.parameters()]
+            dtype = next((t.dtype for t in local if t.is_floating_point()), None)
+            self.source.to(device=self.pipe.mesh.device, dtype=dtype)
         self.pipe.gather_blocks(self.blocks())
         return self.source
 
