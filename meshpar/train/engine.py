@@ -176,7 +176,9 @@ def initialize(model: ModelLike, optimizer: OptimLike, criterion: Callable | Non
     Args:
         model: an ``nn.Module`` already laid out for ``ctx`` (e.g. ``GPT(cfg, plan=make_plan(ctx))``)
             or a factory ``model(ctx) -> nn.Module``. A plain module is used as is for data
-            parallelism; with a tensor-parallel mode it must hold ShardedTensor parameters.
+            parallelism; with a tensor-parallel mode it must hold ShardedTensor parameters. With
+            ``parallel.pipeline > 1``: a block list, or a module with ``pipeline_blocks()`` (the
+            GPT), split into stages by :func:`~meshpar.train.pipe.build_pipeline`.
         optimizer: a torch optimizer over the model's parameters, or a factory ``optimizer(params)``.
         lr_scheduler: a scheduler, or a factory ``lr_scheduler(optimizer)`` (built on the wrapped one).
         ctx: the context from :func:`~meshpar.train.launch.launch`.
