@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from meshpar.errors import ShardingError
 from meshpar.pipeline import ScheduleError, balanced, make_schedule, partition, simulate, uniform
-from meshpar.pipeline.schedules import B, F, RECVS, SENDS, Action, Schedule
+from meshpar.pipeline.schedules import B, F, RECVS, SENDS, Action, Schedule, make_forward_schedule
 
 
 @st.composite
@@ -67,6 +67,21 @@ def test_schedule_tables(s):
     # the simulated bubble equals the textbook (p-1)/(v m + p - 1) (with chunks: when m >= p)
     if p > 1 and (v == 1 or m >= p):
         assert tl.bubble_fraction == pytest.approx(s.theoretical_bubble(), abs=1e-9)
+
+
+@settings(max_examples=30)
+@given(st.integers(1, 8), st.integers(1, 12), st.integers(1, 3))
+def test_forward_only_tables(p, m, v):
+    """Evaluation tables: every forward once per rank, activations only, safe in both models."""
+    s = make_forward_schedule(p, m, v)
+    sent, expected = _channel_sequences(s)
+    assert sent == expected and all(k == "F" for seq in sent.values() for k, _, _ in seq)
+    for r in range(p):
+        assert sorted((a.mb, a.chunk) for a in s.compute_order(r)) == sorted(
+            (mb, c) for mb in range(m) for c in range(v))
+        assert all(a.kind == F for a in s.compute_order(r))
+    simulate(s)
+    simulate(s, rendezvous=True)
 
 
 def test_rendezvous_model_catches_crossed_links():

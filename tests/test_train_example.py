@@ -10,15 +10,15 @@ import pytest
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gpt"
 
 
-def _run_example(mesh, mode: str, out: str):
+def _run_example(mesh, mode: str, out: str, steps: int = 12):
     sys.path.insert(0, str(EXAMPLE))
     import train  # examples/gpt/train.py
 
     from meshpar.train import context_for
 
     cfg = str(EXAMPLE / "configs" / (f"{mode}.toml" if mode == "zero" else f"{mode}.py"))
-    sets = ["train.steps=12", "train.progress=False", "log.every=4", "train.sample_tokens=4", "train.warmup=2",
-            "model.n_layer=1", "model.n_embd=32", "model.block_size=32", "data.max_bytes=200000",
+    sets = [f"train.steps={steps}", "train.progress=False", "log.every=4", "train.sample_tokens=4",
+            "train.warmup=2", "model.n_layer=1", "model.n_embd=32", "model.block_size=32", "data.max_bytes=200000",
             "checkpoint.every=0", "optimizer.lr=1e-2"]
     args = ["--config", cfg, "--out", out] + [a for s in sets for a in ("--set", s)]
     ctx = context_for(cfg, mesh=mesh, overrides=train.overrides(sets))
@@ -30,6 +30,7 @@ def _run_example(mesh, mode: str, out: str):
     ("1d", (1, 4), ("data", "tp")),
     ("dense", (4,), ("data",)),
     ("zero", (4,), ("data",)),  # ZeRO-2, bf16 compute, gradient accumulation 2, from TOML
+    ("pipe", (2, 2), ("pipe", "data")),  # pipeline 2 x data 2, 1F1B over GPT.pipeline_blocks()
     pytest.param("3d", (1, 2, 2, 2), ("data", "i", "j", "k"), marks=pytest.mark.slow),
     pytest.param("2.5d", (1, 2, 2, 2), ("data", "d", "x", "y"), marks=pytest.mark.slow),
 ])
@@ -46,3 +47,20 @@ def test_example_loss_falls(pool, tmp_path, mode, shape, names):
     rows = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["kind"] == "train" and "tokens_per_s" in rows[0]
     assert res[0]["sample"].startswith("def ")
+
+
+def test_example_pipeline_resumes_and_exports_gpt_names(pool, tmp_path):
+    """The pipelined job's checkpoint resumes (more steps), and its exported weights are the GPT's."""
+    from safetensors.torch import load_file
+
+    from meshpar.models.gpt import GPTConfig, param_shapes
+
+    out = str(tmp_path / "pipe")
+    first = pool.run(_run_example, (2, 2), ("pipe", "data"), "pipe", out, 6)[0]["losses"]
+    again = pool.run(_run_example, (2, 2), ("pipe", "data"), "pipe", out, 8)[0]["losses"]
+    assert len(first) == 6 and len(again) == 2  # resumed at step 6
+    rows = [json.loads(line) for line in (tmp_path / "pipe" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 9))
+    weights = load_file(str(tmp_path / "pipe" / "model.safetensors"))
+    shapes = param_shapes(GPTConfig(vocab_size=256, block_size=32, n_layer=1, n_head=4, n_embd=32))
+    assert {k: tuple(v.shape) for k, v in weights.items()} == shapes

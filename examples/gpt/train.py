@@ -1,11 +1,18 @@
 """Train a small GPT with meshpar from a config file (the main job).
 
     meshpar run --nproc-per-node 4 examples/gpt/train.py --config examples/gpt/configs/2d.py
+    meshpar run --nproc-per-node 4 examples/gpt/train.py --config examples/gpt/configs/pipe.py
 
 Any config key can be overridden: ``--set train.steps=50 --set model.n_layer=2``.
 Without torchrun (``python examples/gpt/train.py --config ...``) it runs as one process.
 Writes ``<out>/metrics.jsonl``, ``<out>/loss.png``, checkpoints in ``<out>/ckpt`` (resumed
 automatically) and ``<out>/model.safetensors``; prints a generated sample at the end.
+
+With ``parallel.pipeline > 1`` the engine splits the GPT into its pipeline blocks
+(``GPT.pipeline_blocks()``: embedding, transformer layers, final norm + LM head) and runs each
+step with ``pipeline_schedule``; parameter names, checkpoints and exported weights are the
+GPT's own. Sampling runs on the whole GPT after ``engine.gather_model()`` has copied every
+stage's trained weights to every rank.
 """
 from __future__ import annotations
 
@@ -71,9 +78,14 @@ class GPTLoss:
 
 
 def micro_step(engine: mt.Engine, batch) -> torch.Tensor:
-    """One micro-batch; dropout masks are seeded by (step, micro-batch): reproducible in every layout."""
+    """One micro-batch; dropout masks are seeded by (step, micro-batch): reproducible in every layout.
+
+    With a pipeline the whole schedule runs here (``engine.train_batch``; the GPT pipeline blocks
+    have no dropout)."""
     x, y = batch
     x, y = x.to(engine.ctx.device), y.to(engine.ctx.device)
+    if engine.pipeline is not None:
+        return engine.train_batch((x, y))
     seed = engine.global_step * engine.accum + engine.micro
     loss = engine.criterion(engine(x, seed=seed), y)
     engine.backward(loss)
@@ -113,8 +125,10 @@ def main(argv=None, ctx: mt.Context | None = None) -> dict:
     model = GPT(gcfg, plan=mt.make_plan(ctx), seed=cfg.seed)
     opt_cfg = cfg.section("optimizer")
     lr = float(opt_cfg.get("lr", 3e-3))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(opt_cfg.get("betas", (0.9, 0.95))),
-                                  weight_decay=float(opt_cfg.get("weight_decay", 0.0)))
+    # a factory: with a pipeline each rank optimizes only its stages' parameters
+    optimizer = lambda params: torch.optim.AdamW(  # noqa: E731
+        params, lr=lr, betas=tuple(opt_cfg.get("betas", (0.9, 0.95))),
+        weight_decay=float(opt_cfg.get("weight_decay", 0.0)))
     sched = lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(int(train_cfg.get("warmup", 10)), steps))  # noqa
     engine, train_dl, val_dl, _ = mt.initialize(model, optimizer, GPTLoss(model), train_dl, val_dl,
                                                 lr_scheduler=sched, ctx=ctx)
@@ -133,6 +147,8 @@ def main(argv=None, ctx: mt.Context | None = None) -> dict:
     rows = cfg.parallel.batch_split()  # the batch dimension is sharded over these ranks: one row each
     prompt = torch.tensor([list(b"def ")] * rows, dtype=torch.long)
     engine.eval()
+    model = engine.gather_model()  # the whole GPT on every rank (with a pipeline: every stage's weights)
+    model.eval()
     sample = model.generate(prompt, int(train_cfg.get("sample_tokens", 100)), temperature=0.8, top_k=20, seed=0)
     result = {"losses": losses, "val_loss": val, "sample": decode(sample[0].tolist(), vocab), "mesh": repr(mesh)}
     if ctx.rank == 0:

@@ -1,6 +1,8 @@
 """Reference models written functionally (a params dict plus pure functions) and their parallel plans."""
-from .gpt import GPT, GPTConfig, forward, generate, init_params, loss_fn, param_shapes
+from .gpt import GPT, GPTConfig, embed, forward, generate, head, init_params, layer, loss_fn, param_shapes
+from .gpt_pipeline import GPTBlock, pipeline_blocks
 from .plans import MODES, Plan, make_plan, padded_sizes, shard_params, unpad
 
-__all__ = ["GPT", "GPTConfig", "forward", "generate", "init_params", "loss_fn", "param_shapes", "MODES", "Plan",
+__all__ = ["GPT", "GPTConfig", "GPTBlock", "embed", "layer", "head", "forward", "generate", "init_params", "loss_fn",
+           "param_shapes", "pipeline_blocks", "MODES", "Plan",
            "make_plan", "padded_sizes", "shard_params", "unpad"]

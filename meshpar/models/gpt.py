@@ -18,6 +18,7 @@ padding (use :func:`loss_fn`, which masks them, or slice ``[..., :vocab_size]`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -163,9 +164,92 @@ def _plan_or_dense(plan: Plan | None) -> Plan:
     return make_plan("dense") if plan is None else plan
 
 
-def forward(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: GPTConfig, plan: Plan | None = None, *,
+def _dropout_p(cfg: GPTConfig, plan: Plan, train: bool) -> float:
+    """The dropout probability of a forward; sequence-parallel attention has none (raises then)."""
+    p = cfg.dropout if train else 0.0
+    if plan.seq_axes and p > 0.0:
+        raise ShardingError(f"mode {plan.mode!r} splits the sequence: sequence-parallel attention has no "
+                            f"attention dropout, so train with GPTConfig.dropout=0 (got {cfg.dropout})")
+    return p
+
+
+def _acts(plan: Plan) -> Mapping[str, P]:
+    return plan.act if not plan.dense else {}
+
+
+def _bias(params: Mapping[str, torch.Tensor], cfg: GPTConfig, name: str) -> torch.Tensor | None:
+    return params.get(name) if cfg.bias else None
+
+
+def _ln(params: Mapping[str, torch.Tensor], x: torch.Tensor, prefix: str, cfg: GPTConfig) -> torch.Tensor:
+    return layer_norm(x, params[prefix + ".weight"], _bias(params, cfg, prefix + ".bias"), 1e-5, true_size=cfg.n_embd)
+
+
+def _lin(params: Mapping[str, torch.Tensor], x: torch.Tensor, prefix: str, cfg: GPTConfig, out: P | None):
+    return linear(x, params[prefix + ".weight"], _bias(params, cfg, prefix + ".bias"), out)
+
+
+def embed(params: Mapping[str, torch.Tensor], idx: torch.Tensor, cfg: GPTConfig, plan: Plan | None = None, *,
+          train: bool = False, seed: int = 0) -> torch.Tensor:
+    """Token plus position embedding (and dropout, site 0) of ``idx [B, T]``.
+
+    Reads ``wte``, ``wpe``. ``idx`` is global on every rank (laid out here as ``plan.act['tokens']``)
+    or already laid out. Returns the residual stream ``[B, T, C]`` (``[B, T, C_padded]`` with spec
+    ``plan.act['resid']`` under a plan).
+    Raises:
+        ShardingError: ``idx`` not 2-D, ``T > block_size``, or dropout under a sequence-parallel plan.
+    """
+    plan = _plan_or_dense(plan)
+    if idx.ndim != 2:
+        raise ShardingError(f"idx must be [B, T], got shape {tuple(idx.shape)}")
+    if idx.shape[1] > cfg.block_size:
+        raise ShardingError(f"sequence length {idx.shape[1]} exceeds block_size {cfg.block_size}")
+    p = _dropout_p(cfg, plan, train)
+    idx = plan.place(idx, "tokens")
+    x = constrain(embedding(idx, params["wte"]), _acts(plan).get("resid"))
+    x = add_positional_sp(x, params["wpe"]) if plan.seq_axes else add_positional(x, params["wpe"])
+    return dropout(x, p, seed=seed, site=0, train=train)
+
+
+def layer(params: Mapping[str, torch.Tensor], x: torch.Tensor, l: int, cfg: GPTConfig, plan: Plan | None = None, *,
+          train: bool = False, seed: int = 0) -> torch.Tensor:
+    """Transformer block ``l`` (pre-norm attention and MLP, dropout sites ``4l+1..4l+3``) on the
+    residual stream ``x [B, T, C]`` (spec ``plan.act['resid']``); same shape and spec out.
+
+    Reads ``h.{l}.*``.
+    """
+    plan = _plan_or_dense(plan)
+    p = _dropout_p(cfg, plan, train)
+    act = _acts(plan)
+    resid, inner = act.get("resid"), act.get("inner")
+    pre = f"h.{l}."
+
+    def drop(t, site):
+        return dropout(t, p, seed=seed, site=site, train=train)
+
+    h = _ln(params, x, pre + "ln_1", cfg)
+    q, k, v = (_lin(params, h, pre + f"attn.{n}", cfg, inner) for n in ("q", "k", "v"))
+    head_dim = padded_sizes(cfg, plan).head_dim
+    if plan.seq_axes:
+        y = attention_sp(q, k, v, head_dim, plan)
+    else:
+        y = causal_attention(q, k, v, head_dim, dropout_p=p, seed=seed, site=4 * l + 1, train=train)
+    x = x + drop(_lin(params, y, pre + "attn.proj", cfg, resid), 4 * l + 2)
+    h = F.gelu(_lin(params, _ln(params, x, pre + "ln_2", cfg), pre + "mlp.fc", cfg, inner))
+    return x + drop(_lin(params, h, pre + "mlp.proj", cfg, resid), 4 * l + 3)
+
+
+def head(params: Mapping[str, torch.Tensor], x: torch.Tensor, cfg: GPTConfig, plan: Plan | None = None) -> torch.Tensor:
+    """Final norm and LM head: residual stream ``[B, T, C]`` -> logits ``[B, T, V]`` (``[B, T, V_padded]``
+    with spec ``plan.act['logits']`` under a plan). Reads ``ln_f.*``, ``lm_head.weight``."""
+    plan = _plan_or_dense(plan)
+    return linear(_ln(params, x, "ln_f", cfg), params["lm_head.weight"], None, _acts(plan).get("logits"))
+
+
+def forward(params: Mapping[str, torch.Tensor], idx: torch.Tensor, cfg: GPTConfig, plan: Plan | None = None, *,
             train: bool = False, seed: int = 0) -> torch.Tensor:
-    """Logits of ``idx [B, T]`` (int ids, global on every rank, or already laid out as ``plan.act['tokens']``).
+    """Logits of ``idx [B, T]`` (int ids, global on every rank, or already laid out as ``plan.act['tokens']``):
+    :func:`embed`, :func:`layer` for every layer, :func:`head`.
 
     Args:
         params: from :func:`init_params` (dense plan) or :func:`~meshpar.models.plans.shard_params`.
@@ -179,47 +263,10 @@ def forward(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: GPTConfig, 
             ``plan.seq_multiple`` or when training with dropout (ring/all-to-all attention has none).
     """
     plan = _plan_or_dense(plan)
-    sz = padded_sizes(cfg, plan)
-    if idx.ndim != 2:
-        raise ShardingError(f"idx must be [B, T], got shape {tuple(idx.shape)}")
-    B, T = idx.shape
-    if T > cfg.block_size:
-        raise ShardingError(f"sequence length {T} exceeds block_size {cfg.block_size}")
-    p = cfg.dropout if train else 0.0
-    sp = bool(plan.seq_axes)
-    if sp and p > 0.0:
-        raise ShardingError(f"mode {plan.mode!r} splits the sequence: sequence-parallel attention has no "
-                            f"attention dropout, so train with GPTConfig.dropout=0 (got {cfg.dropout})")
-    act = plan.act if not plan.dense else {}
-    resid, inner = act.get("resid"), act.get("inner")
-    bias = (lambda n: params.get(n)) if cfg.bias else (lambda n: None)
-    eps = 1e-5
-
-    def ln(x, prefix):
-        return layer_norm(x, params[prefix + ".weight"], bias(prefix + ".bias"), eps, true_size=cfg.n_embd)
-
-    def lin(x, prefix, out):
-        return linear(x, params[prefix + ".weight"], bias(prefix + ".bias"), out)
-
-    def drop(x, site):
-        return dropout(x, p, seed=seed, site=site, train=train)
-
-    idx = plan.place(idx, "tokens")
-    x = constrain(embedding(idx, params["wte"]), resid)
-    x = drop(add_positional_sp(x, params["wpe"]) if sp else add_positional(x, params["wpe"]), 0)
+    x = embed(params, idx, cfg, plan, train=train, seed=seed)
     for l in range(cfg.n_layer):
-        pre = f"h.{l}."
-        h = ln(x, pre + "ln_1")
-        q, k, v = (lin(h, pre + f"attn.{n}", inner) for n in ("q", "k", "v"))
-        if sp:
-            y = attention_sp(q, k, v, sz.head_dim, plan)
-        else:
-            y = causal_attention(q, k, v, sz.head_dim, dropout_p=p, seed=seed, site=4 * l + 1, train=train)
-        x = x + drop(lin(y, pre + "attn.proj", resid), 4 * l + 2)
-        h = F.gelu(lin(ln(x, pre + "ln_2"), pre + "mlp.fc", inner))
-        x = x + drop(lin(h, pre + "mlp.proj", resid), 4 * l + 3)
-    x = ln(x, "ln_f")
-    return linear(x, params["lm_head.weight"], None, act.get("logits"))
+        x = layer(params, x, l, cfg, plan, train=train, seed=seed)
+    return head(params, x, cfg, plan)
 
 
 def loss_fn(params: dict[str, torch.Tensor], idx: torch.Tensor, targets: torch.Tensor, cfg: GPTConfig,
@@ -290,16 +337,10 @@ class GPT(nn.Module):
         dense = params if params is not None else init_params(cfg, seed, dtype)
         self._names = list(dense)
         for name, t in shard_params(dense, cfg, self.plan).items():
-            *path, leaf = name.split(".")
-            mod = self
-            for part in path:
-                if not hasattr(mod, part):
-                    mod.add_module(part, nn.Module())
-                mod = getattr(mod, part)
             param = nn.Parameter(t.detach().clone() if not isinstance(t, ShardedTensor) else t, requires_grad=True)
             if defer_reduce and isinstance(t, ShardedTensor):
                 param._meshpar_defer_reduce = tuple(a for a in defer_reduce if a in t.mesh.names)
-            mod.register_parameter(leaf, param)
+            register_dotted(self, name, param)
 
     def params(self) -> dict[str, torch.Tensor]:
         """Name -> parameter, the dict :func:`forward` takes."""
@@ -315,3 +356,26 @@ class GPT(nn.Module):
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kw) -> torch.Tensor:
         return generate(self.params(), idx, self.cfg, self.plan, max_new_tokens, **kw)
+
+    def pipeline_blocks(self) -> nn.Sequential:
+        """This model as pipeline blocks sharing its parameters: ``[embed, layer 0, ..., layer L-1, head]``.
+
+        ``idx [B, T] -> resid [B, T, C] -> ... -> logits [B, T, V]`` (padded and sharded by the plan
+        as in :func:`forward`); ``blocks(idx)`` equals ``self(idx)``. Parameter names inside the
+        blocks are the GPT names. :func:`meshpar.train.initialize` calls this when
+        ``parallel.pipeline > 1``. See :mod:`meshpar.models.gpt_pipeline`.
+        """
+        from .gpt_pipeline import pipeline_blocks
+        return pipeline_blocks(self)
+
+
+def register_dotted(module: nn.Module, name: str, param: nn.Parameter) -> None:
+    """Register ``param`` under the dotted ``name`` (``"h.0.ln_1.weight"``), creating empty
+    sub-modules on the way, so ``module.named_parameters()`` yields ``name``."""
+    *path, leaf = name.split(".")
+    mod = module
+    for part in path:
+        if not hasattr(mod, part):
+            mod.add_module(part, nn.Module())
+        mod = getattr(mod, part)
+    mod.register_parameter(leaf, param)

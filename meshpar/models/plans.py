@@ -65,6 +65,8 @@ MODES = ("dense", "1d", "2d", "2.5d", "3d", "sp", "1d+sp")
 _TP_AXES = {"1d": ("tp",), "2d": ("x", "y"), "2.5d": ("d", "x", "y"), "3d": ("i", "j", "k"), "sp": ("sp",),
             "1d+sp": ("tp", "sp")}
 SEQUENCE_MODES = ("ring", "all_to_all")
+#: the pipeline axis a plan's mesh may carry besides its mode's axes and "data" (no spec names it)
+PIPE_AXIS = "pipe"
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,9 @@ def make_plan(mode: str, mesh: Mesh | None = None, *, sequence_mode: str = "ring
         mode: "dense" (no mesh), "1d" (axis "tp"), "2d" ("x","y", square), "2.5d" ("d","x","y",
             x == y), "3d" ("i","j","k", a cube), "sp" (axis "sp": sequence parallel), "1d+sp"
             ("tp", "sp": Megatron 1D with a split sequence). A mesh axis "data" adds data
-            parallelism on the batch.
+            parallelism on the batch. A mesh axis "pipe" (pipeline stages, see
+            :mod:`meshpar.models.gpt_pipeline`) is allowed and named by no spec: every pipe rank
+            lays out its own stage's parameters and activations over the other axes.
         sequence_mode: attention over the split sequence in "sp"/"1d+sp": "ring" or "all_to_all".
         balanced: "sp"/"1d+sp" only: zigzag (load-balanced causal) sequence layout.
     Raises:
@@ -182,10 +186,11 @@ def make_plan(mode: str, mesh: Mesh | None = None, *, sequence_mode: str = "ring
     if mesh is None:
         raise ShardingError(f"mode {mode!r} needs a mesh with axes {_TP_AXES[mode]} (and optionally 'data')")
     want = set(_TP_AXES[mode])
-    have = set(mesh.names) - {"data"}
+    have = set(mesh.names) - {"data", PIPE_AXIS}
     if have != want:
-        raise ShardingError(f"mode {mode!r} needs mesh axes {_TP_AXES[mode]} (plus optional 'data'); {mesh} has "
-                            f"{mesh.names}. Build e.g. Mesh(shape, {('data',) + _TP_AXES[mode]})")
+        raise ShardingError(f"mode {mode!r} needs mesh axes {_TP_AXES[mode]} (plus optional 'data' and "
+                            f"'{PIPE_AXIS}'); {mesh} has {mesh.names}. Build e.g. Mesh(shape, "
+                            f"{('data',) + _TP_AXES[mode]})")
     s = {a: mesh.size(a) for a in mesh.names}
     if mode in ("sp", "1d+sp"):
         return _sp_plan(mode, mesh, s, sequence_mode, balanced)

@@ -21,11 +21,14 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def sum_sq_by_axes(parts: Iterable[tuple[tuple[str, ...], torch.Tensor]], mesh: Mesh,
-                   all_keys: Iterable[tuple[str, ...]] = ()) -> torch.Tensor:
-    """Sum of squares of every ``(axes, tensor)`` part, all-reduced per distinct ``axes`` tuple.
+                   all_keys: Iterable[tuple[str, ...]] = (), disjoint_axes: tuple[str, ...] = ()) -> torch.Tensor:
+    """Square root of the sum of squares of every ``(axes, tensor)`` part, all-reduced per distinct
+    ``axes`` tuple.
 
     ``all_keys`` lists axis tuples every rank must reduce over even when it has no part for them
-    (so every rank issues the same collectives in the same order).
+    (so every rank issues the same collectives in the same order). ``disjoint_axes`` (pipeline
+    stages): ranks along them hold different parameters, so the total is then summed over them
+    too (one all-reduce; the per-key reductions stay inside each stage, whose ranks agree on keys).
     """
     sums: dict[tuple[str, ...], torch.Tensor] = {}
     dev = None
@@ -40,6 +43,8 @@ def sum_sq_by_axes(parts: Iterable[tuple[tuple[str, ...], torch.Tensor]], mesh: 
         v = sums.get(k, torch.zeros((), dtype=torch.float64, device=dev)).to(torch.float64)
         axes = tuple(a for a in mesh.names if a in k)  # canonical order
         total = total + (C.all_reduce(v.reshape(1), mesh, axes)[0] if axes else v)
+    if disjoint_axes:
+        total = C.all_reduce(total.reshape(1), mesh, disjoint_axes)[0]
     return total.sqrt()
 
 

@@ -46,7 +46,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  bucket_mb: float = 25.0, module: torch.nn.Module | None = None,
                  compute_dtype: torch.dtype | None = None, master_dtype: torch.dtype | None = None,
                  loss_scale: float | str | None = "auto", max_grad_norm: float | None = None,
-                 grad_reduce: str = "auto", prefetch: bool = True) -> None:
+                 grad_reduce: str = "auto", prefetch: bool = True, stage_axes: tuple[str, ...] = ()) -> None:
         # ---------------------------------------------------------- validation (no communication)
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
@@ -55,6 +55,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                 f"axis=<one of {mesh.names}> or build the mesh with a {axis!r} axis")
         if grad_reduce not in ("auto", "sum", "mean"):
             raise ValueError(f"grad_reduce must be 'auto', 'sum' or 'mean', got {grad_reduce!r}")
+        stage_axes = tuple(mesh.check_axes(stage_axes)) if stage_axes else ()
+        if axis in stage_axes:
+            raise ValueError(f"stage_axes {stage_axes} must not contain the data axis {axis!r}")
         check_elementwise(optimizer)
         if stage == 3 and module is None:
             raise ValueError("ZeRO stage 3 needs module=<the model>: parameters are gathered by module hooks")
@@ -71,6 +74,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.nd = mesh.size(axis)
         self.grad_reduce = grad_reduce
         self.max_grad_norm = max_grad_norm
+        self.stage_axes = stage_axes
         self.prefetch = prefetch
         self.module = module
         pdt = {local_of(p).dtype for _, _, p in named}
@@ -327,7 +331,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Scale gradients to global norm ``max_norm`` (over all shards and axes); returns the norm."""
+        """Scale gradients to global norm ``max_norm`` (over all shards and axes, and summed over the
+        ``stage_axes`` whose ranks hold different parameters); returns the norm."""
         self._prepare()
         data = (self.axis,) if self.stage >= 1 else ()
         parts, keys = [], set()
@@ -339,7 +344,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 r = e.range_in(lo, hi)
                 if r is not None and b.master.grad is not None:
                     parts.append((ax, b.master.grad[r[0] - lo:r[1] - lo]))
-        norm = sum_sq_by_axes(parts, self.mesh, keys)
+        norm = sum_sq_by_axes(parts, self.mesh, keys, disjoint_axes=self.stage_axes)
         coef = clip_coef(norm, max_norm)
         if coef < 1.0:
             for b in self.buckets:
@@ -452,5 +457,7 @@ def zero(optimizer: torch.optim.Optimizer, mesh: Mesh, stage: int = 0, axis: str
         max_grad_norm: clip by global norm inside :meth:`ZeroOptimizer.step`.
         grad_reduce: "auto" (plain-tensor grads averaged over data as DDP does, partial
             ShardedTensor grads summed), "sum" or "mean".
+        stage_axes: mesh axes whose ranks hold *different* parameters (pipeline stages, ``("pipe",)``):
+            the gradient norm for clipping sums their parts.
     """
     return ZeroOptimizer(optimizer, mesh, stage=stage, axis=axis, bucket_mb=bucket_mb, **kwargs)

@@ -27,6 +27,11 @@ Gradients accumulate into ``.grad`` (zero them before a step, as with DDP). With
 gradients of each chunk are all-reduced over it (mean by default, ``grad_reduce="sum"`` for a sum)
 asynchronously as soon as that chunk's last backward has run; the step waits for them before
 returning.
+
+Evaluation: ``pipe.evaluate(x, y)`` runs the forward of every micro-batch only (a forward-only
+table, no autograd) and returns the mean loss the same way. After training,
+``pipe.gather_blocks(blocks)`` copies every stage's parameters over the pipe axis into the full
+block list on every rank, so the un-pipelined model can be used (sampling, export).
 """
 from __future__ import annotations
 
@@ -42,9 +47,10 @@ from ..mesh import collectives as C
 from ..mesh.mesh import Mesh, current_mesh, normalize_axes
 from ..sharding import unshard
 from . import p2p
-from .blocks import build_chunk
+from .blocks import as_module, build_chunk
 from .partition import partition as make_partition
-from .schedules import B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule, check_params, make_schedule
+from .schedules import (B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule, check_params,
+                        make_forward_schedule, make_schedule)
 
 
 class _Mailbox:
@@ -110,6 +116,7 @@ class Pipeline(nn.Module):
         if pipe_axis in self.data_axes:
             raise ShardingError(f"data_axes {self.data_axes} must not contain the pipe axis {pipe_axis!r}")
         self.schedule: Schedule = make_schedule(schedule, self.pipe_size, num_microbatches, chunks)
+        self._forward_actions = make_forward_schedule(self.pipe_size, num_microbatches, chunks).actions(self.pipe_rank)
         self.num_microbatches, self.chunks = num_microbatches, chunks
         self.loss_fn, self.grad_reduce, self.loss_on = loss_fn, grad_reduce, loss_on
         self.record_timing = record_timing
@@ -159,6 +166,43 @@ class Pipeline(nn.Module):
         self._recv_meta.clear()
         self._sent_meta.clear()
 
+    @torch.no_grad()
+    def gather_blocks(self, blocks: Sequence[object]) -> None:
+        """Copy every block's parameters from the pipe rank that holds it into ``blocks``, on every pipe rank.
+
+        ``blocks`` is the full block list (the one given at construction, or ``nn.Module`` s with the
+        same parameters in the same order, e.g. a second ``GPT.pipeline_blocks()``); afterwards
+        ``nn.Sequential(*blocks)`` holds the trained weights on every rank, for sampling, evaluation
+        without the pipeline, or export. Each block's parameters (their local blocks, so
+        tensor-parallel parameters stay sharded, in float64 so every dtype arrives exactly) are
+        broadcast over the pipe axis from their owner as one flat message. Collective over the
+        pipe axis (every pipe rank calls it with the same list).
+        """
+        n = self.ranges[-1][1]
+        if len(blocks) != n:
+            raise ShardingError(f"gather_blocks needs the full list of {n} blocks, got {len(blocks)}")
+        mesh, me = self.mesh, self.pipe_rank
+        for s, (lo, hi) in enumerate(self.ranges):
+            owner, chunk = s % self.pipe_size, s // self.pipe_size
+            for i in range(lo, hi):
+                if isinstance(blocks[i], tuple):
+                    raise ShardingError(f"gather_blocks: block {i} is a (fn, params) pair; give nn.Module blocks "
+                                        "(e.g. meshpar.pipeline.FunctionalBlock(fn, params)) to receive parameters")
+                dst = [p2p.local_block(p) for p in as_module(blocks[i], i).parameters()]
+                if not dst:
+                    continue
+                if owner == me:
+                    src = [p2p.local_block(p) for p in self.stages[chunk][i - lo].parameters()]
+                    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in src])
+                else:
+                    flat = torch.empty(sum(t.numel() for t in dst), dtype=torch.float64, device=mesh.device)
+                if self.pipe_size > 1:
+                    flat = C.broadcast(flat, mesh, self.pipe_axis, src=owner, out=flat)
+                off = 0
+                for t in dst:
+                    t.copy_(flat[off:off + t.numel()].view_as(t))
+                    off += t.numel()
+
     def forward(self, *args, **kwargs):  # pragma: no cover - guidance only
         raise ShardingError("call Pipeline.step(inputs, targets) to run a pipelined training step")
 
@@ -179,6 +223,16 @@ class Pipeline(nn.Module):
     # ------------------------------------------------------------------ step
     def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run forward and backward of every micro-batch with the schedule; see the module docstring."""
+        return self._run(inputs, targets, train=True)
+
+    @torch.no_grad()
+    def evaluate(self, inputs: torch.Tensor | None, targets: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The mean micro-batch loss of ``(inputs, targets)`` without backward (forward-only table,
+        no autograd graph, no gradient messages). Inputs, targets and the returned loss are as in
+        :meth:`step`; the modules' train/eval mode is the caller's (``pipe.eval()``)."""
+        return self._run(inputs, targets, train=False)
+
+    def _run(self, inputs: torch.Tensor | None, targets: torch.Tensor | None, *, train: bool) -> torch.Tensor | None:
         mesh, axis, m = self.mesh, self.pipe_axis, self.num_microbatches
         xs = self._split(inputs, "inputs")
         ys = self._split(targets, "targets")
@@ -229,7 +283,7 @@ class Pipeline(nn.Module):
             s = self.virtual_stage(a.chunk) + (1 if a.kind == SEND_F else -1)
             mailbox[(RECV_F if a.kind == SEND_F else RECV_B, a.mb, s // self.pipe_size)] = t.detach().clone()
 
-        for i, a in enumerate(self._actions):
+        for i, a in enumerate(self._actions if train else self._forward_actions):
             if a.kind in (RECV_F, RECV_B):
                 post_recv(a)
             elif a.kind == F:
@@ -239,17 +293,19 @@ class Pipeline(nn.Module):
                     x = xs[a.mb]
                     leaf = None
                 else:
-                    leaf = take_recv(RECV_F, a.mb, a.chunk).requires_grad_()
+                    leaf = take_recv(RECV_F, a.mb, a.chunk).requires_grad_(train)
                     x = p2p.wrap_received(leaf, self._recv_meta[a.chunk], mesh)
                 y = stage(x)
                 if self.is_last(a.chunk):
                     loss = self.loss_fn(y, ys[a.mb] if ys is not None else None)
                     loss = self._scalar(loss)
                     losses.append(loss.detach())
-                    saved_out[(a.mb, a.chunk)] = loss / m
+                    if train:
+                        saved_out[(a.mb, a.chunk)] = loss / m
                 else:
                     saved_out[(a.mb, a.chunk)] = y
-                saved_in[(a.mb, a.chunk)] = leaf
+                if train:
+                    saved_in[(a.mb, a.chunk)] = leaf
                 timings.append((a, self._toc(t0)))
             elif a.kind == SEND_F:
                 y = saved_out[(a.mb, a.chunk)]
@@ -259,6 +315,8 @@ class Pipeline(nn.Module):
                         f"pipe rank {self.pipe_rank} chunk {a.chunk}: activation changed from {known} to {meta} "
                         "since the first step; keep micro-batch shapes fixed or call reset_shapes() on every rank")
                 send(a, p2p.local_block(y))
+                if not train:  # no backward will need it
+                    del saved_out[(a.mb, a.chunk)]
             elif a.kind == B:
                 t0 = self._tic()
                 out = saved_out.pop((a.mb, a.chunk))
@@ -292,7 +350,7 @@ class Pipeline(nn.Module):
         if self.loss_on == "all" and self.pipe_size > 1:
             buf = loss.to(torch.float64) if loss is not None else torch.empty((), dtype=torch.float64, device=mesh.device)
             loss = C.broadcast(buf, mesh, axis, src=(self.num_stages - 1) % self.pipe_size, out=buf)
-        if self.record_timing:
+        if self.record_timing and train:
             self._sync()
             self.stats = {"step_s": time.perf_counter() - t_step,
                           "compute_s": sum(self._elapsed(t) for _, t in timings),

@@ -27,6 +27,9 @@ Schedules:
 * ``interleaved``: Megatron's interleaved 1F1B over ``v >= 2`` chunks; ``m`` must be a
   multiple of ``p``. Micro-batches run in groups of ``p`` per chunk. Warm-up on rank ``r``:
   ``2 (p - r - 1) + (v - 1) p`` chunk-forwards. Bubble shrinks by ``v``: ``(p-1)/(v m + p - 1)``.
+
+:func:`make_forward_schedule` gives the forward-only table (evaluation): GPipe's forward half,
+any ``m`` and ``v``, with no backward and no gradient messages.
 """
 from __future__ import annotations
 
@@ -287,6 +290,19 @@ def insert_comm(orders: Sequence[Sequence[Action]], p: int, v: int) -> list[list
             flush()
         tables.append(out)
     return tables
+
+
+FORWARD = "forward"
+
+
+def make_forward_schedule(pipe_size: int, num_microbatches: int, chunks: int = 1) -> Schedule:
+    """The forward-only table (name ``"forward"``): every rank runs ``F`` of every micro-batch,
+    chunk by chunk (GPipe's forward half), with the activation messages of :func:`insert_comm`."""
+    check_params("gpipe", pipe_size, num_microbatches, chunks)
+    orders = [[Action(F, mb, c) for c in range(chunks) for mb in range(num_microbatches)]
+              for _ in range(pipe_size)]
+    table = tuple(tuple(t) for t in insert_comm(orders, pipe_size, chunks))
+    return Schedule(FORWARD, pipe_size, num_microbatches, chunks, table)
 
 
 def make_schedule(name: str, pipe_size: int, num_microbatches: int, chunks: int = 1) -> Schedule:

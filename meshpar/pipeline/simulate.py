@@ -7,7 +7,9 @@ point-to-point does for one tag. A compute takes ``t_fwd`` or ``t_bwd``; a messa
 at the end of the compute that sent it (zero latency).
 
 :func:`simulate` returns a :class:`Timeline` and raises :class:`ScheduleError` on any mismatched
-message, missing or duplicated compute, backward before forward, or deadlock.
+message, missing or duplicated compute, backward before forward, or deadlock. A forward-only
+table (:func:`~meshpar.pipeline.schedules.make_forward_schedule`) must run every forward and no
+backward.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import dataclasses
 from collections import defaultdict, deque
 
 from ..errors import ShardingError
-from .schedules import B, COMPUTE, F, RECV_B, RECV_F, RECVS, SEND_B, SEND_F, SENDS, Action, Schedule
+from .schedules import B, COMPUTE, F, FORWARD, RECV_B, RECV_F, RECVS, SEND_B, SEND_F, SENDS, Action, Schedule
 
 _MATCH = {SEND_F: RECV_F, SEND_B: RECV_B}
 
@@ -160,9 +162,11 @@ def simulate(sched: Schedule, t_fwd: float = 1.0, t_bwd: float = 2.0, *, rendezv
             stuck = {r: tables[r][pos[r]] for r in range(p) if pos[r] < len(tables[r])}
             raise ScheduleError(f"{sched.name} p={p} m={m} v={v} deadlocks: ranks blocked at {stuck}")
     want = {(mb, c) for mb in range(m) for c in range(v)}
+    want_b = set() if sched.name == FORWARD else want
     for r in range(p):
-        if done_f[r] != want or done_b[r] != want:
-            raise ScheduleError(f"rank {r} does not run forward and backward of every (micro-batch, chunk) once")
+        if done_f[r] != want or done_b[r] != want_b:
+            what = "forward (and no backward)" if sched.name == FORWARD else "forward and backward"
+            raise ScheduleError(f"rank {r} does not run the {what} of every (micro-batch, chunk) once")
         leftovers = [k for k, q in list(sent.items()) + list(posted.items()) + list(streams.items()) if q]
         if leftovers or arrived[r]:
             raise ScheduleError(f"unmatched messages on channels {leftovers} / {arrived[r]}")

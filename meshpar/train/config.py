@@ -343,6 +343,14 @@ def _check_batch(raw: dict[str, Any], parallel: Parallel) -> None:
         if bs % split:
             raise ConfigError(f"train.batch_size={bs} is not divisible by the {split} ranks the batch dimension is "
                               f"split over ({desc}); use a multiple of {split}")
+        if parallel.pipeline > 1:
+            m = (raw.get("pipeline_schedule") or {}).get("num_microbatches", parallel.pipeline)
+            m = _int(m, "pipeline_schedule.num_microbatches")
+            if bs % (split * m):
+                raise ConfigError(
+                    f"train.batch_size={bs} does not split into {m} pipeline micro-batches over the {split} ranks "
+                    f"the batch dimension is split over ({desc}): use a multiple of {split} x {m} = {split * m}, "
+                    f"or change pipeline_schedule.num_microbatches")
     seq = model.get("block_size", train.get("seq_len"))
     if seq is not None and parallel.sequence_size > 1 and seq % parallel.sequence_size:
         raise ConfigError(f"sequence length {seq} is not divisible by parallel.sequence.size="

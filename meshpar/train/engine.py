@@ -8,13 +8,14 @@ with fp32 masters, gradient clipping) and returns an :class:`Engine` whose
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
 
 from .config import ConfigError
 from .launch import Context
+from .pipe import PipelineSetup, build_pipeline
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,9 +53,10 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, optimizer: Any, criterion: Callable | None, ctx: Context,
-                 lr_scheduler: Any = None, pipeline: Any = None):
+                 lr_scheduler: Any = None, pipeline: PipelineSetup | None = None):
         self.model, self.optimizer, self._criterion, self.ctx = model, optimizer, criterion, ctx
-        self.pipeline = pipeline  # a meshpar.pipeline.Pipeline when parallel.pipeline > 1
+        self._pipe = pipeline
+        self.pipeline = pipeline.pipe if pipeline is not None else None  # a meshpar.pipeline.Pipeline
         self.lr_scheduler = lr_scheduler
         self.accum = ctx.config.gradient_accumulation
         self.micro = 0          # micro-batches seen since the last optimizer step
@@ -74,6 +76,26 @@ class Engine:
     def mesh(self):
         return self.ctx.mesh
 
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters by name. With a pipeline: this rank's stages, named as in the whole
+        model (e.g. the GPT names; see :mod:`meshpar.train.pipe`), so checkpoints do not depend on the layout."""
+        return (self._pipe.named if self._pipe is not None else self.model).named_parameters()
+
+    def model_param_names(self) -> frozenset[str]:
+        """Every parameter name of the whole model (with a pipeline, those of all stages)."""
+        if self._pipe is not None:
+            return self._pipe.all_names
+        return frozenset(n for n, _ in self.model.named_parameters())
+
+    def gather_model(self) -> Any:
+        """The whole model with the trained weights on every rank: ``engine.model`` without a pipeline;
+        with one, the model given to ``initialize`` (e.g. the GPT) after every stage's parameters
+        were broadcast into it over the pipe axis (collective over pipe; for sampling or evaluation
+        outside the pipeline)."""
+        if self._pipe is None:
+            return self.model
+        return self._pipe.gather()
+
     # ---------------------------------------------------------------- step parts
     def zero_grad(self) -> None:
         if self.micro == 0:
@@ -82,7 +104,8 @@ class Engine:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.pipeline is not None:
             raise RuntimeError("with parallel.pipeline > 1 a step runs the whole schedule: use "
-                               "engine.train_batch((x, y)) (forward and backward of every micro-batch)")
+                               "engine.train_batch((x, y)) (forward and backward of every micro-batch), "
+                               "engine.eval_batch((x, y)), or engine.gather_model() for the whole model")
         return self.model(*args, **kwargs)
 
     def criterion(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -127,7 +150,10 @@ class Engine:
 
     @torch.no_grad()
     def eval_batch(self, batch: Any) -> torch.Tensor:
+        """The loss of ``(x, y)`` without backward (with a pipeline: a forward-only schedule)."""
         x, y = batch
+        if self.pipeline is not None:
+            return self.pipeline.evaluate(x, y)
         return self.criterion(self(x), y).detach()
 
     # ---------------------------------------------------------------- checkpoints
@@ -142,30 +168,6 @@ class Engine:
         return load_engine_state(self, path)
 
 
-def _pipeline(model: Any, criterion: Callable | None, ctx: Context):
-    """A :class:`meshpar.pipeline.Pipeline` over the config's ``pipe`` axis (the model is a block list)."""
-    from ..pipeline import Pipeline
-
-    if isinstance(model, (nn.Sequential, nn.ModuleList)):
-        blocks = list(model)
-    elif isinstance(model, (list, tuple)):
-        blocks = list(model)
-    else:
-        raise ConfigError("parallel.pipeline > 1 needs the model as a sequence of blocks (a list, nn.Sequential or "
-                          "nn.ModuleList, or a factory returning one), each mapping one tensor to one tensor")
-    if criterion is None:
-        raise ConfigError("parallel.pipeline > 1 needs a criterion: the last stage applies it per micro-batch")
-    if ctx.config.gradient_accumulation != 1:
-        raise ConfigError("with parallel.pipeline > 1 use pipeline_schedule.num_microbatches instead of "
-                          "gradient_accumulation")
-    opts = dict(ctx.config.get("pipeline_schedule") or {})
-    opts.setdefault("schedule", "1f1b")
-    pipe = Pipeline(blocks, ctx.mesh, criterion, schedule=opts.pop("schedule"),
-                    num_microbatches=int(opts.pop("num_microbatches", ctx.config.parallel.pipeline)),
-                    data_axes=None, **opts)
-    return pipe.to(ctx.device)
-
-
 def initialize(model: ModelLike, optimizer: OptimLike, criterion: Callable | None = None,
                train_dataloader: Any = None, test_dataloader: Any = None, lr_scheduler: Any = None, *,
                ctx: Context) -> tuple[Engine, Any, Any, Any]:
@@ -174,7 +176,9 @@ def initialize(model: ModelLike, optimizer: OptimLike, criterion: Callable | Non
     Args:
         model: an ``nn.Module`` already laid out for ``ctx`` (e.g. ``GPT(cfg, plan=make_plan(ctx))``)
             or a factory ``model(ctx) -> nn.Module``. A plain module is used as is for data
-            parallelism; with a tensor-parallel mode it must hold ShardedTensor parameters.
+            parallelism; with a tensor-parallel mode it must hold ShardedTensor parameters. With
+            ``parallel.pipeline > 1``: a block list, or a module with ``pipeline_blocks()`` (the
+            GPT), split into stages by :func:`~meshpar.train.pipe.build_pipeline`.
         optimizer: a torch optimizer over the model's parameters, or a factory ``optimizer(params)``.
         lr_scheduler: a scheduler, or a factory ``lr_scheduler(optimizer)`` (built on the wrapped one).
         ctx: the context from :func:`~meshpar.train.launch.launch`.
@@ -185,9 +189,11 @@ def initialize(model: ModelLike, optimizer: OptimLike, criterion: Callable | Non
     par = cfg.parallel
     if not isinstance(model, nn.Module) and callable(model) and not isinstance(model, (list, tuple)):
         model = model(ctx)
-    pipe = None
+    setup = None
     if par.pipeline > 1:
-        model = pipe = _pipeline(model, criterion, ctx)
+        setup = build_pipeline(model, criterion, ctx)
+        model = setup.pipe
+    pipe = setup.pipe if setup is not None else None
     model = model.to(ctx.device)
     sharded = any(hasattr(p, "spec") for p in model.parameters())
     if par.tensor_mode is not None and par.tensor_size > 1 and not sharded:
@@ -201,17 +207,17 @@ def initialize(model: ModelLike, optimizer: OptimLike, criterion: Callable | Non
     elif pipe is not None:
         raise ConfigError("with parallel.pipeline > 1 pass the optimizer as a factory, e.g. "
                           "optimizer=lambda params: torch.optim.AdamW(params, lr=...): each rank keeps only its stages")
-    opt = zero(optimizer, ctx.mesh, stage=cfg.zero_stage, axis="data", module=model,
+    opt = zero(optimizer, ctx.mesh, stage=cfg.zero_stage, axis="data", module=setup.named if setup else model,
                compute_dtype=_DTYPES[cfg.precision], max_grad_norm=cfg.clip_grad_norm,
-               **cfg.section("zero").get("options", {}))
+               stage_axes=("pipe",) if pipe is not None else (), **cfg.section("zero").get("options", {}))
     if pipe is not None:
         pipe.no_sync = opt.no_sync  # the ZeRO wrapper reduces once, after the step's last backward
     if lr_scheduler is not None and callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
         lr_scheduler = lr_scheduler(opt)
-    engine = Engine(model, opt, criterion, ctx, lr_scheduler, pipeline=pipe)
+    engine = Engine(model, opt, criterion, ctx, lr_scheduler, pipeline=setup)
     seq = f", sequence {par.sequence_size} ({par.sequence_mode})" if par.sequence_size > 1 else ""
     ctx.logger.info(f"initialize: mode {par.mode}{seq}{f', pipeline {par.pipeline} stages' if pipe else ''}, "
-                    f"{sum(p.numel() for p in model.parameters()):,} parameters "
+                    f"{sum(p.numel() for p in model.parameters()):,} parameters{' in its stages' if pipe else ''} "
                     f"({sum(getattr(p, '_local', p).numel() for p in model.parameters()):,} on this rank), "
                     f"{opt!r}, accumulation {cfg.gradient_accumulation}, clip {cfg.clip_grad_norm}")
     return engine, train_dataloader, test_dataloader, lr_scheduler

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 def _layout(engine: "Engine") -> dict[str, Block]:
     """Per parameter name: a Block describing its (tensor-parallel) local block and global offsets."""
-    return {n: as_block(p) for n, p in engine.model.named_parameters()}
+    return {n: as_block(p) for n, p in engine.named_parameters()}
 
 
 def rng_state() -> dict[str, Any]:
@@ -78,15 +78,18 @@ def load_engine_state(engine: "Engine", path: str) -> dict[str, Any]:
 
     md = checkpoint_metadata(path).state_dict_metadata
     lay = _layout(engine)
-    names = sorted(lay, key=len, reverse=True)
+    everywhere = engine.model_param_names()  # with a pipeline, other stages' parameters are not loaded here
+    names = sorted(everywhere, key=len, reverse=True)
     tensors: dict[str, Any] = {}
     master: dict[str, torch.Tensor] = {}
     state: dict[str, dict[str, Any]] = {n: {} for n in lay}
     for key, m in md.items():
         if key.startswith("optim.master."):
             name = key[len("optim.master."):]
-            if name not in lay:
+            if name not in everywhere:
                 raise KeyError(f"checkpoint has optimizer master {name!r} but the model has no such parameter")
+            if name not in lay:
+                continue
             t = torch.empty(lay[name].local.shape, dtype=m.properties.dtype, device=lay[name].local.device)
             master[name] = t
             tensors[key] = Block(t, lay[name].global_shape, lay[name].offsets)
@@ -95,6 +98,8 @@ def load_engine_state(engine: "Engine", path: str) -> dict[str, Any]:
             name = next((n for n in names if rest.startswith(n + ".")), None)
             if name is None:
                 raise KeyError(f"checkpoint key {key!r} names no parameter of the model")
+            if name not in lay:
+                continue
             k = rest[len(name) + 1:]
             dev = lay[name].local.device
             if len(m.size) >= 1:
