@@ -23,6 +23,135 @@ import torch
 from ..mesh import Mesh
 from .spec import P
 
+_mws = torch.Tensor._make_wrapper_subclass
+_STRIDED = torch.strided
+_grad_enabled = torch.is_grad_enabled
+
+
+class Layout:
+    """The interned (spec, global shape, mesh) of a ShardedTensor: the no-grad memo's key.
+
+    One object per distinct (spec, global shape) on a mesh (see :func:`layout`), so the
+    dispatcher keys its memo on the layout's identity (a C-level hash) instead of hashing the
+    spec, the shape and the mesh on every call. Immutable by convention; ``shape`` is the
+    global shape as a plain tuple for ``_make_wrapper_subclass``.
+    """
+
+    __slots__ = ("spec", "mesh", "gshape", "shape")
+
+    def __init__(self, spec: P, mesh: Mesh, gshape: torch.Size):
+        self.spec = spec
+        self.mesh = mesh
+        self.gshape = gshape
+        self.shape = tuple(gshape)
+
+    def __repr__(self) -> str:
+        return f"Layout({self.spec}, {tuple(self.gshape)}, {self.mesh})"
+
+
+_LAYOUT_LIMIT = 1 << 16
+
+
+def layout(spec: P, shape: Sequence[int], mesh: Mesh) -> Layout:
+    """The interned :class:`Layout` of (spec, shape) on ``mesh``.
+
+    The intern table is a per-mesh cache (``mesh._layouts``, keyed by value: spec and global
+    shape), bounded at 65536 entries; past that (or for a mesh object without the table) a
+    fresh, uninterned Layout is returned, which is still correct: the memo then simply misses.
+    """
+    gshape = shape if type(shape) is torch.Size else torch.Size(shape)
+    table = getattr(mesh, "_layouts", None)
+    if table is None:
+        return Layout(spec, mesh, gshape)
+    key = (spec, gshape)
+    lay = table.get(key)
+    if lay is None:
+        lay = Layout(spec, mesh, gshape)
+        if len(table) < _LAYOUT_LIMIT:
+            table[key] = lay
+    return lay
+
+
+def layout_of(x: "ShardedTensor") -> Layout:
+    """``x``'s interned layout (computed on first use and kept on the tensor)."""
+    lay = x._lay
+    if lay is None:
+        lay = x._lay = layout(x.spec, x._gshape, x.mesh)
+    return lay
+
+
+def new_sharded(local: torch.Tensor, lay: Layout) -> "ShardedTensor":
+    """A ShardedTensor around ``local`` laid out as ``lay`` (no autograd link: ``requires_grad`` False).
+
+    The fast constructor of the no-grad executors: no ``__new__``/``__init__`` round trip,
+    positional ``_make_wrapper_subclass`` arguments.
+    """
+    r = _mws(ShardedTensor, lay.shape, None, None, None, local.dtype, _STRIDED, local.device)
+    r._local = local
+    r._lay = lay
+    r.spec = lay.spec
+    r.mesh = lay.mesh
+    r._gshape = lay.gshape
+    return r
+
+
+# ---------------------------------------------------------------------------- no-grad memo
+# Executors memoised by rules for calls that need no autograd and no communication, keyed by
+# :func:`fast_key`. Pure memoisation: an entry is a function of its key only. Owned (and bounded)
+# by :class:`meshpar.sharding.dispatch.FastPaths`; defined here so the hot path needs no import.
+_FAST: dict = {}
+_SCALARS = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
+                      torch.layout})
+_INT_SEQS = frozenset({tuple, list, torch.Size})
+_KW = object()  # separates positional from keyword parts of a key
+
+
+def fast_key(func, args, kwargs=None):
+    """A hashable key for a call, or None when an argument can't be keyed.
+
+    Each ShardedTensor contributes its interned :class:`Layout` (spec, global shape, mesh), each
+    scalar ``(type, value)``, each tuple/list of ints ``(type, tuple)``; keyword arguments come
+    after a separator as ``(name, type, value)``. Anything else (a plain tensor, a nested
+    structure) makes the call unkeyable. Types are part of the key so that ``1``, ``1.0`` and
+    ``True`` never share an entry.
+    """
+    k = [func]
+    ap = k.append
+    for a in args:
+        t = type(a)
+        if t is ShardedTensor:
+            lay = a._lay
+            ap(lay if lay is not None else layout_of(a))
+        elif t in _SCALARS:
+            ap(t)
+            ap(a)
+        elif t in _INT_SEQS:
+            for e in a:
+                if type(e) is not int:
+                    return None
+            ap(t)
+            ap(tuple(a))
+        else:
+            return None
+    if kwargs:
+        ap(_KW)
+        for name, v in kwargs.items():
+            t = type(v)
+            if t in _SCALARS:
+                ap(name)
+                ap(t)
+                ap(v)
+            elif t in _INT_SEQS:
+                for e in v:
+                    if type(e) is not int:
+                        return None
+                ap(name)
+                ap(t)
+                ap(tuple(v))
+            else:
+                return None
+    return tuple(k)
+
 
 class ShardedTensor(torch.Tensor):
     """A block of a global tensor laid out by ``spec`` over ``mesh``.
@@ -38,6 +167,7 @@ class ShardedTensor(torch.Tensor):
     spec: P
     mesh: Mesh
     _gshape: torch.Size
+    _lay: "Layout | None" = None  # interned layout, set on first use by the dispatcher (layout_of)
 
     __slots__ = ()
 
@@ -56,6 +186,13 @@ class ShardedTensor(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if not _grad_enabled():
+            # fast path: a memoised executor for exactly this (op, layouts, arguments)
+            key = fast_key(func, args, kwargs)
+            if key is not None:
+                ex = _FAST.get(key)
+                if ex is not None:
+                    return ex(args, kwargs)
         return _HANDLER[0](func, args, kwargs or {})
 
     @classmethod
