@@ -179,3 +179,37 @@ def test_fast_key_tells_apart():
     assert fast_key(f, (), {"dim": [1]}) != fast_key(f, (), {"dim": (1,)})
     assert fast_key(f, (), {"dim": torch.zeros(1)}) is None
     assert FAST._limit > 0
+
+
+class _FakeMesh:
+    """Enough of a Mesh for fast_key: the per-mesh layout table."""
+
+    def __init__(self):
+        self._layouts = {}
+
+
+def test_fast_key_formats():
+    from meshpar.sharding.tensor import ShardedTensor, fast_key
+    m1, m2 = _FakeMesh(), _FakeMesh()
+    x = ShardedTensor(torch.zeros(4, 2), P("x"), m1, (8, 2))
+    x_again = ShardedTensor(torch.ones(4, 2), P("x"), m1, (8, 2))
+    x_other_shape = ShardedTensor(torch.zeros(4, 3), P("x"), m1, (8, 3))
+    x_other_spec = ShardedTensor(torch.zeros(8, 1), P(None, "x"), m1, (8, 2))
+    x_other_mesh = ShardedTensor(torch.zeros(4, 2), P("x"), m2, (8, 2))
+    f = torch.Tensor.transpose
+    assert fast_key(f, (x, 0, 1)) == fast_key(f, (x_again, 0, 1))  # interned: same layout, same key
+    assert fast_key(f, (x,)) == fast_key(f, (x_again,))
+    assert fast_key(f, (x, x)) == fast_key(f, (x_again, x_again))
+    keys = [fast_key(f, c, kw) for c, kw in [
+        ((x, 0, 1), None), ((x, 1, 0), None), ((x, 0, True), None), ((x, 0.0, 1), None), ((x, (0, 1)), None),
+        ((x, [0, 1]), None), ((x,), None), ((x, x), None), ((x, x_other_shape), None), ((x_other_shape,), None),
+        ((x_other_spec,), None), ((x_other_mesh,), None), ((x,), {"dim": 1}), ((x,), {"dim": True}),
+        ((x, 1), None), ((x,), {"dim": 1, "keepdim": False}), ((x, 1), {"keepdim": False}),
+        ((x, x, 1), None), ((x, None), None), ((x, "a"), None), ((x,), {"dim": (1,)}), ((x,), {"dim": [1]}),
+        ((1, x), None), ((1.0, x), None),
+    ]]
+    assert None not in keys
+    assert len(set(keys)) == len(keys), "two different calls share a key"
+    assert fast_key(f, (x, torch.zeros(1))) is None
+    assert fast_key(f, (x,), {"out": torch.zeros(1)}) is None
+    assert fast_key(f, (x, [x])) is None

@@ -17,7 +17,7 @@ import functools
 from ..sharding.core import apply_plan, local_in, meta, operand_plan, reduce_unreduced, wrap
 from ..sharding.dispatch import FAST, register, signature
 from ..sharding.spec import P
-from ..sharding.tensor import ShardedTensor, layout, new_sharded
+from ..sharding.tensor import ShardedTensor, blockwise_exec, layout, new_sharded
 from ._util import common_mesh, gshape
 
 T = torch.Tensor
@@ -120,13 +120,8 @@ def blockwise_executor(func, plans, out_spec: P, out_shape, mesh):
     lay = layout(out_spec, out_shape, mesh)
     steps = [None if p is None else tuple((d, mesh.size(ax), mesh.axis_index(ax)) for d, ax in p.slices)
              for p in plans]
-    if all(st == () for st in steps):  # every operand is a ShardedTensor already in place
-        if len(steps) == 1:
-            return lambda args, kw: new_sharded(func(args[0]._local), lay)
-        if len(steps) == 2:
-            return lambda args, kw: new_sharded(func(args[0]._local, args[1]._local), lay)
-        if len(steps) == 3:
-            return lambda args, kw: new_sharded(func(args[0]._local, args[1]._local, args[2]._local), lay)
+    if all(st == () for st in steps) and 1 <= len(steps) <= 3:  # every operand a ShardedTensor in place
+        return blockwise_exec(func, lay, len(steps))
 
     def run(args, kw):
         locs = []

@@ -16,7 +16,7 @@ from ..errors import ShardingError
 from ..sharding.core import enter, wrap
 from ..sharding.dispatch import register, remember, remember_same_call
 from ..sharding.spec import P
-from ..sharding.tensor import ShardedTensor, layout, new_sharded
+from ..sharding.tensor import ShardedTensor, layout, local_fn_exec
 from ._util import common_mesh, norm_dim
 
 T = torch.Tensor
@@ -115,8 +115,7 @@ def _reshape(func, args, kwargs):
     spec = reshape_spec(shape, x.spec, new, x.mesh)
     lshape = tuple(_local_shape(new, spec, x.mesh))
     if not torch.is_grad_enabled():
-        lay = layout(spec, new, x.mesh)
-        remember(func, args, kwargs, lambda a, kw: new_sharded(a[0]._local.reshape(lshape), lay))
+        remember(func, args, kwargs, local_fn_exec(lambda l: l.reshape(lshape), layout(spec, new, x.mesh)))
     loc = enter(x).reshape(lshape)
     return wrap(loc, spec, x.mesh, new)
 

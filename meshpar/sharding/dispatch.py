@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ShardingError
 from ..mesh.collectives import _CURRENT_OP as _OP
-from .tensor import _FAST, ShardedTensor, fast_key, layout, new_sharded
+from .tensor import _FAST, ShardedTensor, fast_key, layout, local_fn_exec, same_call_exec
 
 Rule = Callable[[Callable, tuple, dict], Any]
 
@@ -140,8 +140,7 @@ def remember_unary(func: Callable, args: tuple, kwargs: dict, local_fn: Callable
     key = signature(func, args, kwargs)
     if key is None:
         return
-    lay = layout(spec, shape, args[0].mesh)
-    FAST.remember(key, lambda a, kw: new_sharded(local_fn(a[0]._local), lay))
+    FAST.remember(key, local_fn_exec(local_fn, layout(spec, shape, args[0].mesh)))
 
 
 def remember_same_call(func: Callable, args: tuple, kwargs: dict, spec, shape) -> None:
@@ -158,11 +157,7 @@ def remember_same_call(func: Callable, args: tuple, kwargs: dict, spec, shape) -
     key = signature(func, args, kwargs)
     if key is None:
         return
-    lay = layout(spec, shape, args[0].mesh)
-    if kwargs:
-        FAST.remember(key, lambda a, kw: new_sharded(func(a[0]._local, *a[1:], **kw), lay))
-    else:
-        FAST.remember(key, lambda a, kw: new_sharded(func(a[0]._local, *a[1:]), lay))
+    FAST.remember(key, same_call_exec(func, layout(spec, shape, args[0].mesh), bool(kwargs)))
 
 
 from .tensor import _HANDLER  # noqa: E402

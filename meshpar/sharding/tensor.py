@@ -103,25 +103,42 @@ _FAST: dict = {}
 _SCALARS = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
                       torch.layout})
 _INT_SEQS = frozenset({tuple, list, torch.Size})
-_KW = object()  # separates positional from keyword parts of a key
+_G = object()  # tag of keys built by the general loop
+_KW = object()  # separates positional from keyword parts in general keys
 
 
 def fast_key(func, args, kwargs=None):
     """A hashable key for a call, or None when an argument can't be keyed.
 
-    Each ShardedTensor contributes its interned :class:`Layout` (spec, global shape, mesh), each
-    scalar ``(type, value)``, each tuple/list of ints ``(type, tuple)``; keyword arguments come
-    after a separator as ``(name, type, value)``. Anything else (a plain tensor, a nested
-    structure) makes the call unkeyable. Types are part of the key so that ``1``, ``1.0`` and
-    ``True`` never share an entry.
+    The key holds the func and, for each argument, what a rule's plan may depend on: a
+    ShardedTensor's interned :class:`Layout` (spec, global shape, mesh), a scalar's type and
+    value (so ``1``, ``1.0`` and ``True`` never share an entry), a tuple/list of ints' type and
+    items; keyword arguments likewise, by name. A plain tensor, a nested structure or any other
+    object makes the call unkeyable (None). Three key formats, told apart by length and tag:
+    ``(func, L)``, ``(func, L, L)`` (one or two ShardedTensors, no keywords: spelled out, the
+    commonest calls) and ``(func, _G, ...)`` (anything else keyable, flattened).
     """
-    k = [func]
+    n = len(args)
+    if n:
+        a = args[0]
+        if type(a) is ShardedTensor:
+            if not kwargs:
+                if n == 1:
+                    return (func, a._lay or layout_of(a))
+                if n == 2:
+                    b = args[1]
+                    if type(b) is ShardedTensor:
+                        return (func, a._lay or layout_of(a), b._lay or layout_of(b))
+    return _fast_key_general(func, args, kwargs)
+
+
+def _fast_key_general(func, args, kwargs):
+    k = [func, _G]
     ap = k.append
     for a in args:
         t = type(a)
         if t is ShardedTensor:
-            lay = a._lay
-            ap(lay if lay is not None else layout_of(a))
+            ap(a._lay or layout_of(a))
         elif t in _SCALARS:
             ap(t)
             ap(a)
@@ -153,6 +170,66 @@ def fast_key(func, args, kwargs=None):
     return tuple(k)
 
 
+# ---------------------------------------------------------------------------- executors
+# Builders of no-grad executors ``ex(args, kwargs) -> ShardedTensor`` that compute a local block and
+# wrap it as ``lay``, with the wrapper construction inlined (one Python frame per call).
+
+def blockwise_exec(func, lay: Layout, n: int):
+    """``func(args[0]._local, ..., args[n-1]._local)`` for n ShardedTensor operands (n = 1, 2, 3)."""
+    shape, spec, mesh, gshape = lay.shape, lay.spec, lay.mesh, lay.gshape
+    if n == 1:
+        def ex(args, kwargs):
+            loc = func(args[0]._local)
+            r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
+            r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            return r
+    elif n == 2:
+        def ex(args, kwargs):
+            loc = func(args[0]._local, args[1]._local)
+            r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
+            r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            return r
+    elif n == 3:
+        def ex(args, kwargs):
+            loc = func(args[0]._local, args[1]._local, args[2]._local)
+            r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
+            r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            return r
+    else:
+        raise ValueError(n)
+    return ex
+
+
+def same_call_exec(func, lay: Layout, with_kwargs: bool):
+    """``func(args[0]._local, *args[1:], **kwargs)``: the call itself on the first operand's block."""
+    shape, spec, mesh, gshape = lay.shape, lay.spec, lay.mesh, lay.gshape
+    if with_kwargs:
+        def ex(args, kwargs):
+            loc = func(args[0]._local, *args[1:], **kwargs)
+            r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
+            r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            return r
+    else:
+        def ex(args, kwargs):
+            loc = func(args[0]._local, *args[1:])
+            r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
+            r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            return r
+    return ex
+
+
+def local_fn_exec(local_fn, lay: Layout):
+    """``local_fn(args[0]._local)``."""
+    shape, spec, mesh, gshape = lay.shape, lay.spec, lay.mesh, lay.gshape
+
+    def ex(args, kwargs):
+        loc = local_fn(args[0]._local)
+        r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
+        r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+        return r
+    return ex
+
+
 class ShardedTensor(torch.Tensor):
     """A block of a global tensor laid out by ``spec`` over ``mesh``.
 
@@ -167,18 +244,20 @@ class ShardedTensor(torch.Tensor):
     spec: P
     mesh: Mesh
     _gshape: torch.Size
-    _lay: "Layout | None" = None  # interned layout, set on first use by the dispatcher (layout_of)
+    _lay: "Layout | None"  # interned layout: None until the dispatcher first needs it (layout_of)
 
-    __slots__ = ()
+    # slots: attribute stores and loads on the hot path cost a third of instance-dict ones
+    __slots__ = ("_local", "spec", "mesh", "_gshape", "_lay")
 
     @staticmethod
     def __new__(cls, local: torch.Tensor, spec: P, mesh: Mesh, shape: Sequence[int], requires_grad: bool = False):
-        r = torch.Tensor._make_wrapper_subclass(
-            cls, tuple(shape), dtype=local.dtype, device=local.device, requires_grad=requires_grad)
+        # positional: (size, strides, storage_offset, memory_format, dtype, layout, device, pin_memory, requires_grad)
+        r = _mws(cls, tuple(shape), None, None, None, local.dtype, _STRIDED, local.device, False, requires_grad)
         r._local = local
         r.spec = spec
         r.mesh = mesh
         r._gshape = shape if type(shape) is torch.Size else torch.Size(shape)
+        r._lay = None
         return r
 
     def __init__(self, *args, **kwargs):  # everything happens in __new__
