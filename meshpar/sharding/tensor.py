@@ -238,6 +238,9 @@ class ShardedTensor(torch.Tensor):
         mesh: the :class:`~meshpar.mesh.Mesh`.
         _local: this rank's block, a plain tensor of shape ``local_shape(shape, spec, mesh)``.
         _gshape: the global shape, as a ``torch.Size``.
+
+    ``spec``, ``mesh`` and the global shape are fixed at construction (the dispatcher caches the
+    interned :class:`Layout` of the three in ``_lay``); a new layout means a new ShardedTensor.
     """
 
     _local: torch.Tensor
