@@ -3,7 +3,9 @@
 Two gloo ranks on the CPU, a 1-D mesh ("x", 2). Each op runs on small tensors split on dim 0
 (``P("x")`` / ``[Shard(0)]``) with replicated second operands, so no op communicates and the time is
 the framework's own cost. Overhead = median time of the sharded op − median time of the same op on
-the plain local block. Reported: per-op overheads (µs) and the ratio meshpar/DTensor (target ≤ 0.5).
+the plain local block. Reported: per-op overheads (µs) and the ratio meshpar/DTensor (target ≤ 0.5);
+for reference (not in the ratios) the overhead of a bare ``__torch_function__`` wrapper subclass on
+add, the floor of a Python-level wrapper design.
 
     torchrun --nproc-per-node 2 bench/dispatch_overhead.py            # writes bench/results/dispatch_overhead.json
 """
@@ -35,6 +37,25 @@ def med_us(fn, n: int = 300, reps: int = 7) -> float:
             fn()
         meds.append((time.perf_counter() - t0) / n * 1e6)
     return statistics.median(meds)
+
+
+class _Bare(torch.Tensor):
+    """The floor of the ``__torch_function__`` design: a wrapper subclass that only unwraps, runs the op
+    on the block and rewraps (no layouts, no rules). Reported for reference; not part of the ratios."""
+
+    @staticmethod
+    def __new__(cls, local, shape):
+        r = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=local.dtype, device=local.device)
+        r._local, r._gs = local, shape
+        return r
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return _Bare(func(args[0]._local, args[1]._local), args[0]._gs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(func)
 
 
 def main() -> None:
@@ -83,6 +104,8 @@ def main() -> None:
             t_dt = med_us(lambda: f(xd, bd, wd))
             rows.append(dict(op=name, local_us=t_local, meshpar_us=t_mp, dtensor_us=t_dt,
                              meshpar_overhead_us=t_mp - t_local, dtensor_overhead_us=t_dt - t_local))
+        xb = _Bare(xl, tuple(X.shape))
+        floor_add_us = med_us(lambda: xb + xb) - med_us(lambda: xl + xl)
     ratio = statistics.median(r["meshpar_overhead_us"] / r["dtensor_overhead_us"] for r in rows)
     total_ratio = sum(r["meshpar_overhead_us"] for r in rows) / sum(r["dtensor_overhead_us"] for r in rows)
     # max over ranks of the two summary ratios
@@ -95,9 +118,12 @@ def main() -> None:
                   f"{r['meshpar_overhead_us'] / r['dtensor_overhead_us']:10.2f}")
         print(f"median per-op overhead ratio meshpar/DTensor: {t[0]:.2f} ; total-overhead ratio: {t[1]:.2f} "
               "(target <= 0.5)")
+        print(f"reference: a bare __torch_function__ wrapper (unwrap, op, rewrap) costs {floor_add_us:.1f} µs "
+              "over the local op on add (rank 0)")
         out = dict(bench="dispatch_overhead", date=datetime.date.today().isoformat(), device="cpu",
                    host=platform.processor() or platform.machine(), torch=torch.__version__, backend="gloo",
-                   world=2, rows=rows, median_overhead_ratio=float(t[0]), total_overhead_ratio=float(t[1]))
+                   world=2, rows=rows, median_overhead_ratio=float(t[0]), total_overhead_ratio=float(t[1]),
+                   bare_wrapper_add_overhead_us=floor_add_us)
         os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
         with open(os.path.join(os.path.dirname(__file__), "results", "dispatch_overhead.json"), "w") as fh:
             json.dump(out, fh, indent=1)

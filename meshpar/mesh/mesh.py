@@ -71,6 +71,7 @@ class Mesh:
             )
         self._size_cache: dict = {}
         self._index_cache: dict = {}
+        self._layouts: dict = {}  # (spec, global shape) -> interned sharding.tensor.Layout (bounded there)
         self.shape: tuple[int, ...] = shape
         self.names: Axes = names
         self._hash = hash((shape, names))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..errors import ShardingError
 from ..sharding.core import local_in, reduce_unreduced, wrap
-from ..sharding.dispatch import register, remember_unary
+from ..sharding.dispatch import register, remember_same_call
 from ..sharding.tensor import ShardedTensor
 from ._util import common_mesh, norm_dim
 
@@ -21,6 +21,7 @@ def _softmax(func, args, kwargs):
     x = args[0]
     if not isinstance(x, ShardedTensor):
         return NotImplemented
+    was_unreduced = bool(x.spec.unreduced)
     x = reduce_unreduced(x)
     nd = len(x._gshape)
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
@@ -31,9 +32,8 @@ def _softmax(func, args, kwargs):
         raise ShardingError(f"{func.__name__} across dim {d}, which is split over {x.spec.axes_of(d)}; "
                             "reshard that dim to replicated, or use the vocab-parallel cross-entropy")
     rest = {k: v for k, v in kwargs.items() if k != "dim"}
-    if not rest and not x.spec.unreduced:
-        extra = args[2:]
-        remember_unary(func, args, kwargs, lambda l: func(l, d, *extra), x.spec, x._gshape)
+    if not was_unreduced:  # an unreduced input needs its psum first: not memoised
+        remember_same_call(func, args, kwargs, x.spec, x._gshape)
     out = func(local_in(x, x.spec, nd, x.mesh), d, *args[2:], **rest)
     return wrap(out, x.spec, x.mesh, x._gshape)
 

@@ -18,7 +18,7 @@ import functools
 from ..sharding.core import apply_plan, local_in, meta, operand_plan, reduce_unreduced, wrap
 from ..sharding.dispatch import FAST, register, signature
 from ..sharding.spec import P, base_axis
-from ..sharding.tensor import ShardedTensor
+from ..sharding.tensor import ShardedTensor, blockwise_exec, layout, new_sharded
 from ._util import common_mesh, gshape
 
 T = torch.Tensor
@@ -115,16 +115,16 @@ _DIV_SET = frozenset(_DIV)
 
 
 def blockwise_executor(func, plans, out_spec: P, out_shape, mesh):
-    """A no-autograd executor: take blocks (free slices), run ``func``, wrap."""
+    """A no-autograd executor ``ex(args, kwargs)``: take blocks (free slices), run ``func``, wrap.
+
+    Only for calls without keyword arguments (the key of a call with keywords differs)."""
+    lay = layout(out_spec, out_shape, mesh)
     steps = [None if p is None else tuple((d, mesh.size(ax), mesh.axis_index(ax)) for d, ax in p.slices)
              for p in plans]
-    if all(st == () for st in steps):  # every operand is a ShardedTensor already in place
-        if len(steps) == 1:
-            return lambda args: ShardedTensor(func(args[0]._local), out_spec, mesh, out_shape)
-        if len(steps) == 2:
-            return lambda args: ShardedTensor(func(args[0]._local, args[1]._local), out_spec, mesh, out_shape)
+    if all(st == () for st in steps) and 1 <= len(steps) <= 3:  # every operand a ShardedTensor in place
+        return blockwise_exec(func, lay, len(steps))
 
-    def run(args):
+    def run(args, kw):
         locs = []
         for a, st in zip(args, steps):
             if st is None:
@@ -134,7 +134,7 @@ def blockwise_executor(func, plans, out_spec: P, out_shape, mesh):
             for d, n, i in st:
                 loc = loc.chunk(n, dim=d)[i]
             locs.append(loc)
-        return ShardedTensor(func(*locs), out_spec, mesh, out_shape)
+        return new_sharded(func(*locs), lay)
     return run
 
 

@@ -19,7 +19,7 @@ import torch
 from ..errors import ShardingError
 from ..mesh import collectives as C
 from ..sharding.core import enter, reduce_unreduced, wrap
-from ..sharding.dispatch import register, remember_unary
+from ..sharding.dispatch import register, remember_same_call, remember_unary
 from ..sharding.spec import P
 from ..sharding.tensor import ShardedTensor
 from ._util import norm_dims
@@ -70,7 +70,11 @@ def _sum(func, args, kwargs):
         else:
             out = loc.sum(dim=dims, keepdim=keepdim, dtype=dtype) if dims else loc.clone()
         return out / denom if is_mean else out
-    remember_unary(func, args, kwargs, local_fn, out_spec, _out_shape(x._gshape, dims, keepdim))
+    if dims and not (is_mean and red_axes):
+        # sum (of a partial sum too) and mean over unsplit dims: the same call on the block
+        remember_same_call(func, args, kwargs, out_spec, _out_shape(x._gshape, dims, keepdim))
+    else:  # a block's mean divides by the block's count, not the global one
+        remember_unary(func, args, kwargs, local_fn, out_spec, _out_shape(x._gshape, dims, keepdim))
     loc = enter(x, ())
     if dims == tuple(range(nd)) and not keepdim:
         out = loc.sum(dtype=dtype) if dtype is not None else loc.sum()

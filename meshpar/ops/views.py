@@ -19,9 +19,9 @@ import torch
 
 from ..errors import ShardingError
 from ..sharding.core import enter, wrap
-from ..sharding.dispatch import register, remember_unary
+from ..sharding.dispatch import register, remember, remember_same_call
 from ..sharding.spec import P, is_zigzag
-from ..sharding.tensor import ShardedTensor
+from ..sharding.tensor import ShardedTensor, layout, local_fn_exec
 from ._util import common_mesh, norm_dim
 
 T = torch.Tensor
@@ -121,19 +121,22 @@ def _reshape(func, args, kwargs):
         new = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)) else list(rest)
         new = _infer_shape(new, numel)
     spec = reshape_spec(shape, x.spec, new, x.mesh)
-    lshape = _local_shape(new, spec, x.mesh)
-    remember_unary(func, args, kwargs, lambda l: l.reshape(lshape), spec, new)
+    lshape = tuple(_local_shape(new, spec, x.mesh))
+    if not torch.is_grad_enabled():
+        remember(func, args, kwargs, local_fn_exec(lambda l: l.reshape(lshape), layout(spec, new, x.mesh)))
     loc = enter(x).reshape(lshape)
     return wrap(loc, spec, x.mesh, new)
 
 
 def _permute(x: ShardedTensor, perm: Sequence[int], call=None) -> ShardedTensor:
+    """``x.permute(perm)``; ``call`` = (func, args, kwargs) of a transpose/permute/t call, whose
+    same call on the block is memoised for no-grad calls."""
     nd = len(x._gshape)
     perm = [norm_dim(p, nd) for p in perm]
     spec = P(*[x.spec.axes_of(p) or None for p in perm], unreduced=x.spec.unreduced)
     shape = [x._gshape[p] for p in perm]
     if call is not None:
-        remember_unary(*call, lambda l: l.permute(perm), spec, shape)
+        remember_same_call(*call, spec, shape)
     return wrap(enter(x).permute(perm), spec, x.mesh, shape)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ShardingError
 from ..mesh.collectives import _CURRENT_OP as _OP
-from .tensor import ShardedTensor
+from .tensor import _FAST, ShardedTensor, fast_key, layout, local_fn_exec, same_call_exec
 
 Rule = Callable[[Callable, tuple, dict], Any]
 
@@ -76,14 +76,16 @@ def no_rule_error(func, args, kwargs, why: str = "") -> ShardingError:
 class FastPaths:
     """Memo of compiled executors for calls that need no autograd and no communication.
 
-    A rule that planned such a call may :meth:`remember` an executor under the call's
-    :func:`signature` (the func, each operand's spec and global shape, the other arguments'
-    values); the next call with the same signature skips planning. Pure memoisation: an entry
-    is a function of its key only.
+    A rule that planned such a call may :meth:`remember` an executor ``ex(args, kwargs)`` under
+    the call's :func:`signature` (the func, each ShardedTensor's interned layout, the other
+    arguments' types and values); the next call with the same signature, with grad mode off,
+    skips planning: ``ShardedTensor.__torch_function__`` looks the key up before anything else.
+    Pure memoisation: an entry is a function of its key only. Bounded at ``limit`` entries (later
+    calls then just plan again).
     """
 
-    def __init__(self, limit: int = 16384) -> None:
-        self._table: dict = {}
+    def __init__(self, table: dict, limit: int = 16384) -> None:
+        self._table = table
         self._limit = limit
 
     def get(self, key):
@@ -93,48 +95,19 @@ class FastPaths:
         if key is not None and len(self._table) < self._limit:
             self._table[key] = executor
 
+    def clear(self) -> None:
+        self._table.clear()
 
-FAST = FastPaths()
-_SCALARS = (int, float, bool, str, type(None), torch.dtype)
 
-
-def signature(func: Callable, args: tuple, kwargs: dict):
-    """A hashable key for a call, or None when an argument can't be keyed."""
-    sig = [func]
-    if kwargs:
-        for k in sorted(kwargs):
-            v = kwargs[k]
-            if type(v) not in _SCALARS:
-                return None
-            sig.append((k, v))
-    for a in args:
-        t = type(a)
-        if t is ShardedTensor:
-            sig.append((a.spec, a._gshape, a.mesh))
-        elif t in _SCALARS:
-            sig.append((t, a))
-        else:
-            return None
-    return tuple(sig)
+FAST = FastPaths(_FAST)
+signature = fast_key  # the key rules remember under is the key the hot path looks up
 
 
 def handle_torch_function(func: Callable, args: tuple, kwargs: dict):
-    if not torch.is_grad_enabled():
-        # fast path: a memoised executor for exactly this (op, layouts, arguments)
-        sig = signature(func, args, kwargs) if kwargs else [func]
-        for a in (() if kwargs else args):
-            t = type(a)
-            if t is ShardedTensor:
-                sig.append((a.spec, a._gshape, a.mesh))
-            elif t in _SCALARS:
-                sig.append((t, a))
-            else:
-                sig = None
-                break
-        if sig is not None:
-            ex = FAST._table.get(sig if kwargs else tuple(sig))
-            if ex is not None:
-                return ex(args)
+    """Route a call to its rules (newest first); calls with no rule run with the subclass disabled.
+
+    The no-grad memo lookup happens before this, in ``ShardedTensor.__torch_function__``.
+    """
     rules = REGISTRY.rules_for(func)
     if rules:
         tok = _OP.set(getattr(func, "__name__", "op"))
@@ -150,6 +123,16 @@ def handle_torch_function(func: Callable, args: tuple, kwargs: dict):
         return func(*args, **kwargs)
 
 
+def remember(func: Callable, args: tuple, kwargs: dict, executor: Callable) -> None:
+    """Memoise ``executor(args, kwargs)`` for this call's signature when grad mode is off.
+
+    The executor must compute exactly what the rule computed, for every call with the same
+    signature, without autograd and without communication."""
+    if torch.is_grad_enabled():
+        return
+    FAST.remember(signature(func, args, kwargs), executor)
+
+
 def remember_unary(func: Callable, args: tuple, kwargs: dict, local_fn: Callable, spec, shape) -> None:
     """Memoise ``out = local_fn(x._local)`` wrapped as (spec, shape) for this call's signature (no autograd)."""
     if torch.is_grad_enabled():
@@ -157,10 +140,24 @@ def remember_unary(func: Callable, args: tuple, kwargs: dict, local_fn: Callable
     key = signature(func, args, kwargs)
     if key is None:
         return
-    x = args[0]
-    mesh = x.mesh
-    shape = tuple(shape)
-    FAST.remember(key, lambda a: ShardedTensor(local_fn(a[0]._local), spec, mesh, shape))
+    FAST.remember(key, local_fn_exec(local_fn, layout(spec, shape, args[0].mesh)))
+
+
+def remember_same_call(func: Callable, args: tuple, kwargs: dict, spec, shape) -> None:
+    """Memoise ``func(x._local, *args[1:], **kwargs)`` wrapped as (spec, shape): for ops whose result's
+    block is the same call on the operand's block (transpose, softmax over a whole dim, sum).
+
+    The executor passes the call's own arguments (equal to these, by the signature), so no value
+    is baked in. Only the first argument may be a ShardedTensor."""
+    if torch.is_grad_enabled():
+        return
+    for a in args[1:]:
+        if isinstance(a, torch.Tensor):
+            return
+    key = signature(func, args, kwargs)
+    if key is None:
+        return
+    FAST.remember(key, same_call_exec(func, layout(spec, shape, args[0].mesh), bool(kwargs)))
 
 
 from .tensor import _HANDLER  # noqa: E402

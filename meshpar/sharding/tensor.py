@@ -23,6 +23,212 @@ import torch
 from ..mesh import Mesh
 from .spec import P
 
+_mws = torch.Tensor._make_wrapper_subclass
+_STRIDED = torch.strided
+_grad_enabled = torch.is_grad_enabled
+
+
+class Layout:
+    """The interned (spec, global shape, mesh) of a ShardedTensor: the no-grad memo's key.
+
+    One object per distinct (spec, global shape) on a mesh (see :func:`layout`), so the
+    dispatcher keys its memo on the layout's identity (a C-level hash) instead of hashing the
+    spec, the shape and the mesh on every call. Immutable by convention; ``shape`` is the
+    global shape as a plain tuple for ``_make_wrapper_subclass``.
+    """
+
+    __slots__ = ("spec", "mesh", "gshape", "shape")
+
+    def __init__(self, spec: P, mesh: Mesh, gshape: torch.Size):
+        self.spec = spec
+        self.mesh = mesh
+        self.gshape = gshape
+        self.shape = tuple(gshape)
+
+    def __repr__(self) -> str:
+        return f"Layout({self.spec}, {tuple(self.gshape)}, {self.mesh})"
+
+
+_LAYOUT_LIMIT = 1 << 16
+
+
+def layout(spec: P, shape: Sequence[int], mesh: Mesh) -> Layout:
+    """The interned :class:`Layout` of (spec, shape) on ``mesh``.
+
+    The intern table is a per-mesh cache (``mesh._layouts``, keyed by value: spec and global
+    shape), bounded at 65536 entries; past that (or for a mesh object without the table) a
+    fresh, uninterned Layout is returned, which is still correct: the memo then simply misses.
+    """
+    gshape = shape if type(shape) is torch.Size else torch.Size(shape)
+    table = getattr(mesh, "_layouts", None)
+    if table is None:
+        return Layout(spec, mesh, gshape)
+    key = (spec, gshape)
+    lay = table.get(key)
+    if lay is None:
+        lay = Layout(spec, mesh, gshape)
+        if len(table) < _LAYOUT_LIMIT:
+            table[key] = lay
+    return lay
+
+
+def layout_of(x: "ShardedTensor") -> Layout:
+    """``x``'s interned layout (computed on first use and kept on the tensor)."""
+    lay = x._lay
+    if lay is None:
+        lay = x._lay = layout(x.spec, x._gshape, x.mesh)
+    return lay
+
+
+def new_sharded(local: torch.Tensor, lay: Layout) -> "ShardedTensor":
+    """A ShardedTensor around ``local`` laid out as ``lay`` (no autograd link: ``requires_grad`` False).
+
+    The fast constructor of the no-grad executors: no ``__new__``/``__init__`` round trip,
+    positional ``_make_wrapper_subclass`` arguments.
+    """
+    r = _mws(ShardedTensor, lay.shape, None, None, None, local.dtype, _STRIDED, local.device)
+    r._local = local
+    r._lay = lay
+    r.spec = lay.spec
+    r.mesh = lay.mesh
+    r._gshape = lay.gshape
+    return r
+
+
+# ---------------------------------------------------------------------------- no-grad memo
+# Executors memoised by rules for calls that need no autograd and no communication, keyed by
+# :func:`fast_key`. Pure memoisation: an entry is a function of its key only. Owned (and bounded)
+# by :class:`meshpar.sharding.dispatch.FastPaths`; defined here so the hot path needs no import.
+_FAST: dict = {}
+_SCALARS = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
+                      torch.layout})
+_INT_SEQS = frozenset({tuple, list, torch.Size})
+_G = object()  # tag of keys built by the general loop
+_KW = object()  # separates positional from keyword parts in general keys
+
+
+def fast_key(func, args, kwargs=None):
+    """A hashable key for a call, or None when an argument can't be keyed.
+
+    The key holds the func and, for each argument, what a rule's plan may depend on: a
+    ShardedTensor's interned :class:`Layout` (spec, global shape, mesh), a scalar's type and
+    value (so ``1``, ``1.0`` and ``True`` never share an entry), a tuple/list of ints' type and
+    items; keyword arguments likewise, by name. A plain tensor, a nested structure or any other
+    object makes the call unkeyable (None). Three key formats, told apart by length and tag:
+    ``(func, L)``, ``(func, L, L)`` (one or two ShardedTensors, no keywords: spelled out, the
+    commonest calls) and ``(func, _G, ...)`` (anything else keyable, flattened).
+    """
+    n = len(args)
+    if n:
+        a = args[0]
+        if type(a) is ShardedTensor:
+            if not kwargs:
+                if n == 1:
+                    return (func, a._lay or layout_of(a))
+                if n == 2:
+                    b = args[1]
+                    if type(b) is ShardedTensor:
+                        return (func, a._lay or layout_of(a), b._lay or layout_of(b))
+    return _fast_key_general(func, args, kwargs)
+
+
+def _fast_key_general(func, args, kwargs):
+    k = [func, _G]
+    ap = k.append
+    for a in args:
+        t = type(a)
+        if t is ShardedTensor:
+            ap(a._lay or layout_of(a))
+        elif t in _SCALARS:
+            ap(t)
+            ap(a)
+        elif t in _INT_SEQS:
+            for e in a:
+                if type(e) is not int:
+                    return None
+            ap(t)
+            ap(tuple(a))
+        else:
+            return None
+    if kwargs:
+        ap(_KW)
+        for name, v in kwargs.items():
+            t = type(v)
+            if t in _SCALARS:
+                ap(name)
+                ap(t)
+                ap(v)
+            elif t in _INT_SEQS:
+                for e in v:
+                    if type(e) is not int:
+                        return None
+                ap(name)
+                ap(t)
+                ap(tuple(v))
+            else:
+                return None
+    return tuple(k)
+
+
+# ---------------------------------------------------------------------------- executors
+# Builders of no-grad executors ``ex(args, kwargs) -> ShardedTensor`` that compute a local block and
+# wrap it as ``lay``, with the wrapper construction inlined (one Python frame per call).
+
+def blockwise_exec(func, lay: Layout, n: int):
+    """``func(args[0]._local, ..., args[n-1]._local)`` for n ShardedTensor operands (n = 1, 2, 3)."""
+    shape, spec, mesh, gshape = lay.shape, lay.spec, lay.mesh, lay.gshape
+    if n == 1:
+        def ex(args, kwargs):
+            loc = func(args[0]._local)
+            r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
+            r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            return r
+    elif n == 2:
+        def ex(args, kwargs):
+            loc = func(args[0]._local, args[1]._local)
+            r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
+            r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            return r
+    elif n == 3:
+        def ex(args, kwargs):
+            loc = func(args[0]._local, args[1]._local, args[2]._local)
+            r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
+            r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            return r
+    else:
+        raise ValueError(n)
+    return ex
+
+
+def same_call_exec(func, lay: Layout, with_kwargs: bool):
+    """``func(args[0]._local, *args[1:], **kwargs)``: the call itself on the first operand's block."""
+    shape, spec, mesh, gshape = lay.shape, lay.spec, lay.mesh, lay.gshape
+    if with_kwargs:
+        def ex(args, kwargs):
+            loc = func(args[0]._local, *args[1:], **kwargs)
+            r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
+            r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            return r
+    else:
+        def ex(args, kwargs):
+            loc = func(args[0]._local, *args[1:])
+            r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
+            r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            return r
+    return ex
+
+
+def local_fn_exec(local_fn, lay: Layout):
+    """``local_fn(args[0]._local)``."""
+    shape, spec, mesh, gshape = lay.shape, lay.spec, lay.mesh, lay.gshape
+
+    def ex(args, kwargs):
+        loc = local_fn(args[0]._local)
+        r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
+        r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+        return r
+    return ex
+
 
 class ShardedTensor(torch.Tensor):
     """A block of a global tensor laid out by ``spec`` over ``mesh``.
@@ -32,23 +238,29 @@ class ShardedTensor(torch.Tensor):
         mesh: the :class:`~meshpar.mesh.Mesh`.
         _local: this rank's block, a plain tensor of shape ``local_shape(shape, spec, mesh)``.
         _gshape: the global shape, as a ``torch.Size``.
+
+    ``spec``, ``mesh`` and the global shape are fixed at construction (the dispatcher caches the
+    interned :class:`Layout` of the three in ``_lay``); a new layout means a new ShardedTensor.
     """
 
     _local: torch.Tensor
     spec: P
     mesh: Mesh
     _gshape: torch.Size
+    _lay: "Layout | None"  # interned layout: None until the dispatcher first needs it (layout_of)
 
-    __slots__ = ()
+    # slots: attribute stores and loads on the hot path cost a third of instance-dict ones
+    __slots__ = ("_local", "spec", "mesh", "_gshape", "_lay")
 
     @staticmethod
     def __new__(cls, local: torch.Tensor, spec: P, mesh: Mesh, shape: Sequence[int], requires_grad: bool = False):
-        r = torch.Tensor._make_wrapper_subclass(
-            cls, tuple(shape), dtype=local.dtype, device=local.device, requires_grad=requires_grad)
+        # positional: (size, strides, storage_offset, memory_format, dtype, layout, device, pin_memory, requires_grad)
+        r = _mws(cls, tuple(shape), None, None, None, local.dtype, _STRIDED, local.device, False, requires_grad)
         r._local = local
         r.spec = spec
         r.mesh = mesh
         r._gshape = shape if type(shape) is torch.Size else torch.Size(shape)
+        r._lay = None
         return r
 
     def __init__(self, *args, **kwargs):  # everything happens in __new__
@@ -56,6 +268,13 @@ class ShardedTensor(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if not _grad_enabled():
+            # fast path: a memoised executor for exactly this (op, layouts, arguments)
+            key = fast_key(func, args, kwargs)
+            if key is not None:
+                ex = _FAST.get(key)
+                if ex is not None:
+                    return ex(args, kwargs)
         return _HANDLER[0](func, args, kwargs or {})
 
     @classmethod
