@@ -51,7 +51,7 @@ class RingAttention(torch.autograd.Function):
         acc = acc_dtype(q.dtype)
         kv = torch.stack([k, v])
         out_acc = lse_acc = None
-        meta0: BlockMeta | None = None
+        metas: list[BlockMeta] = []  # per block, in schedule order: the backward visits the same blocks
         with C.op_name("ring_attention"):
             for step in range(sp):
                 src = (me - step) % sp
@@ -61,22 +61,24 @@ class RingAttention(torch.autograd.Function):
                     o, l, meta = block_forward(q[:, :, blk.q], expand_kv(kv[0][:, :, blk.kv], rep),
                                                expand_kv(kv[1][:, :, blk.kv], rep),
                                                causal=blk.causal, scale=scale, impl=impl)
+                    metas.append(meta)
                     if out_acc is None:  # step 0, own block: covers every query row
-                        out_acc, lse_acc, meta0 = o.to(acc).clone(), l.to(acc).clone(), meta
+                        out_acc, lse_acc = o.to(acc).clone(), l.to(acc).clone()
                     else:
                         merge_(out_acc[:, :, blk.q], lse_acc[:, :, blk.q], o, l)
                 if nxt is not None:
                     kv = nxt.wait()
         out = out_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse_acc)
-        ctx.args = (mesh, axes, causal, balanced, scale, impl, meta0)
+        ctx.args = (mesh, axes, causal, balanced, scale, impl, metas)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        mesh, axes, causal, balanced, scale, impl, meta0 = ctx.args
+        mesh, axes, causal, balanced, scale, impl, metas = ctx.args
+        metas = iter(metas)
         sp, me = mesh.size(axes), mesh.axis_index(axes)
         perm = _ring_perm(sp)
         sq, sk = q.shape[-2], k.shape[-2]
@@ -98,7 +100,7 @@ class RingAttention(torch.autograd.Function):
                         dout[:, :, blk.q], q[:, :, blk.q], expand_kv(kv[0][:, :, blk.kv], rep),
                         expand_kv(kv[1][:, :, blk.kv], rep),
                         out[:, :, blk.q], lse[:, :, blk.q], causal=blk.causal, scale=scale, impl=impl,
-                        meta=meta0, delta=None if delta is None else delta[:, :, blk.q])
+                        meta=next(metas), delta=None if delta is None else delta[:, :, blk.q])
                     dq[:, :, blk.q] += d_q
                     dkv[0][:, :, blk.kv] += reduce_kv(d_k, rep)
                     dkv[1][:, :, blk.kv] += reduce_kv(d_v, rep)
