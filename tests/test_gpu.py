@@ -2,9 +2,12 @@
 (``make test-gpu``) and are skipped, with that reason, where no CUDA GPU is present.
 
 * multi-GPU (>= 2): the core ops, SUMMA/1D matmuls and reshard on NCCL, one process per GPU;
-* one GPU: the CUDA-only code paths -- the fused attention block kernels (flash, efficient) with
-  their log-sum-exp merge and FlashAttention-style backward, checked against float64; the core
-  ops, a GPT step in the 2D plan and ring attention on a 1x1 NCCL mesh (sp = 1)."""
+* one GPU: the CUDA-only code paths -- the fused attention block kernels (flash, cudnn, efficient)
+  with their log-sum-exp merge and FlashAttention-style backward, checked against float64; the
+  same core script on a 1x1 NCCL mesh.
+
+The core script (one process per GPU): matmul + reshard + pointwise ops, ring SDPA over "x"
+(zigzag layout when x > 1) and a GPT step in the 2D plan, each against dense."""
 from __future__ import annotations
 
 import os
@@ -25,8 +28,7 @@ from meshpar import P
 dist.init_process_group("nccl")
 torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 n = dist.get_world_size()
-mesh = mp.Mesh((2, n // 2), ("x", "y")) if n % 2 == 0 and n >= 4 else \
-    mp.Mesh((1, 1), ("x", "y")) if n == 1 else mp.Mesh((n,), ("x",))
+mesh = mp.Mesh((2, n // 2), ("x", "y")) if n % 2 == 0 else mp.Mesh((n, 1), ("x", "y"))
 dev = mesh.device
 g = torch.Generator(device="cpu").manual_seed(0)
 X = torch.randn(8 * n, 16 * n, dtype=torch.float64, generator=g).to(dev)
@@ -45,14 +47,16 @@ assert torch.allclose(mp.unshard(z), Xr @ Wr)
 for fn in (torch.tanh, lambda t: t.sum(0), lambda t: t * 2 + 1):
     assert torch.allclose(mp.unshard(fn(xs)), fn(X))
 assert torch.allclose(mp.unshard(mp.reshard(xs, P(names[0], None)).softmax(-1)), X.softmax(-1))
-if n == 1:  # the CUDA paths that only one GPU can exercise: ring SDPA (sp=1, flash blocks), GPT 2D plan
+if True:  # ring SDPA over "x" (balanced zigzag layout when x > 1; fused CUDA blocks), GPT in the 2D plan
     import torch.nn.functional as F
     from meshpar.models.gpt import GPTConfig, init_params, loss_fn
     from meshpar.models.plans import make_plan, shard_params, unpad
-    Q, K, V, G = (torch.randn(1, 4, 256, 64, device=dev, dtype=torch.bfloat16) for _ in range(4))
-    qs, ks, vs = (mp.shard(t, P(None, None, "x", None), mesh).requires_grad_() for t in (Q, K, V))
+    gen = torch.Generator(device=dev).manual_seed(1)
+    Q, K, V, G = (torch.randn(1, 4, 256, 64, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    seq = mp.Zigzag("x") if mesh.size("x") > 1 else "x"
+    qs, ks, vs = (mp.shard(t, P(None, None, seq, None), mesh).requires_grad_() for t in (Q, K, V))
     o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
-    o.backward(mp.shard(G, P(None, None, "x", None), mesh))
+    o.backward(mp.shard(G, P(None, None, seq, None), mesh))
     qr, kr, vr = (t.double().requires_grad_() for t in (Q, K, V))
     orf = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True)
     orf.backward(G.double())
@@ -60,8 +64,9 @@ if n == 1:  # the CUDA paths that only one GPU can exercise: ring SDPA (sp=1, fl
     assert rel(mp.unshard(o), orf) < 2e-2, rel(mp.unshard(o), orf)
     for a, b in ((qs, qr), (ks, kr), (vs, vr)):
         assert rel(mp.unshard(a.grad), b.grad) < 3e-2, rel(mp.unshard(a.grad), b.grad)
+if mesh.size("x") == mesh.size("y"):  # the 2D plan needs a square grid
     cfg = GPTConfig(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32)
-    idx = torch.randint(0, 37, (2, 16), device=dev)
+    idx = torch.randint(0, 37, (2, 16), device=dev, generator=gen)
     dense = {k: t.to(dev).requires_grad_() for k, t in init_params(cfg, 0, torch.float64).items()}
     ld = loss_fn(dense, idx, idx, cfg)
     ld.backward()
