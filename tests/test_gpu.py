@@ -52,7 +52,8 @@ if True:  # ring SDPA over "x" (balanced zigzag layout when x > 1; fused CUDA bl
     from meshpar.models.gpt import GPTConfig, init_params, loss_fn
     from meshpar.models.plans import make_plan, shard_params, unpad
     gen = torch.Generator(device=dev).manual_seed(1)
-    Q, K, V, G = (torch.randn(1, 4, 256, 64, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    S = 128 * mesh.size("x")  # divisible by the 2*x zigzag chunks
+    Q, K, V, G = (torch.randn(1, 4, S, 64, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(4))
     seq = mp.Zigzag("x") if mesh.size("x") > 1 else "x"
     qs, ks, vs = (mp.shard(t, P(None, None, seq, None), mesh).requires_grad_() for t in (Q, K, V))
     o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
