@@ -70,8 +70,8 @@ def embedding(idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                             f"dim {weight.spec}; the output [.., H] can't be split twice over it. Shard the weight's "
                             f"hidden dim over other axes")
     V = weight.shape[0]
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
-        raise IndexError(f"embedding: a token id is out of range [0, {V}) on mesh rank {mesh.rank}")
+    if ids.numel():
+        _check_ids_in_range(ids, V, mesh)
     v0 = block_offset(weight._gshape, weight.spec, mesh, 0)  # (refuses a zigzag vocab before any collective)
     vl = local_shape(weight._gshape, weight.spec, mesh)[0]
     gathered = [tuple(a for a in ax if base_axis(a) in va) for ax in idx_axes]
@@ -92,6 +92,19 @@ def embedding(idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         out = psum(out, mesh, rest)
     spec = P(*[ax if ax else None for ax in idx_axes], ha if ha else None)
     return wrap(out, spec, mesh, (*idx.shape, weight.shape[1]))
+
+
+def _check_ids_in_range(ids: torch.Tensor, V: int, mesh) -> None:
+    """Refuse out-of-range token ids (masked lookups would silently give zeros).
+
+    On CPU a plain check with a clear IndexError; on an accelerator a device-side assert
+    (``torch._assert_async``), so a training step has no host sync."""
+    ok = (ids.min() >= 0) & (ids.max() < V)
+    if ids.device.type == "cpu":
+        if not bool(ok):
+            raise IndexError(f"embedding: a token id is out of range [0, {V}) on mesh rank {mesh.rank}")
+    else:
+        torch._assert_async(ok, f"embedding: a token id is out of range [0, {V})")
 
 
 @register(F.embedding)

@@ -6,7 +6,6 @@ axes of its spec, plus the data axis where ZeRO shards the gradient).
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Iterable
 
@@ -63,16 +62,18 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, mesh: Mesh,
         keys.add(ax)
         parts.append((ax, grad_local(p)))
     norm = sum_sq_by_axes(parts, mesh, keys)
-    coef = max_norm / (float(norm) + eps)
-    if coef < 1.0:
-        for p in params:
-            grad_local(p).mul_(coef)
+    coef = clip_coef(norm, max_norm, eps)
+    grads = [grad_local(p) for p in params]
+    if grads:
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
     return norm
 
 
-def clip_coef(norm: torch.Tensor, max_norm: float, eps: float = 1e-6) -> float:
-    """``min(1, max_norm / (norm + eps))``; a non-finite norm gives 1 (the step is skipped anyway)."""
-    n = float(norm)
-    if not math.isfinite(n):
-        return 1.0
-    return min(1.0, max_norm / (n + eps))
+def clip_coef(norm: torch.Tensor, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
+    """``min(1, max_norm / (norm + eps))`` as a 0-dim tensor on ``norm``'s device (no host sync);
+    a non-finite norm gives 1 (an fp16 step with inf/NaN gradients is skipped anyway).
+
+    Multiplying by a coefficient of exactly 1.0 leaves gradients bit-identical, so callers
+    multiply unconditionally instead of reading the norm on the host."""
+    coef = torch.clamp(max_norm / (norm + eps), max=1.0)
+    return torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))

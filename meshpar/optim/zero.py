@@ -322,11 +322,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def found_inf(self) -> bool:
         """Whether any rank's gradients hold inf/NaN (all-reduced over every mesh axis)."""
         self._prepare()
-        flag = torch.zeros(1, dtype=torch.float32, device=self.buckets[0].flat.device)
-        for b in self.buckets:
-            if b.master.grad is not None and not bool(torch.isfinite(b.master.grad).all()):
-                flag.fill_(1.0)
-                break
+        # one flag computed on the device, one host read for the whole step (not one per bucket)
+        bad = [(~torch.isfinite(b.master.grad)).any() for b in self.buckets if b.master.grad is not None]
+        flag = torch.stack(bad).any().to(torch.float32).reshape(1) if bad else \
+            torch.zeros(1, dtype=torch.float32, device=self.buckets[0].flat.device)
         return bool(C.all_reduce(flag, self.mesh, self.mesh.names, op="max")[0] > 0)
 
     @torch.no_grad()
@@ -346,10 +345,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     parts.append((ax, b.master.grad[r[0] - lo:r[1] - lo]))
         norm = sum_sq_by_axes(parts, self.mesh, keys, disjoint_axes=self.stage_axes)
         coef = clip_coef(norm, max_norm)
-        if coef < 1.0:
-            for b in self.buckets:
-                if b.master.grad is not None:
-                    b.master.grad.mul_(coef)
+        grads = [b.master.grad for b in self.buckets if b.master.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, coef.to(device=grads[0].device, dtype=grads[0].dtype))
         return norm
 
     @torch.no_grad()
