@@ -90,14 +90,20 @@ def _trivial(mesh: Mesh, axes) -> bool:
     return mesh.size(axes) == 1
 
 
-def all_reduce(x: torch.Tensor, mesh: Mesh, axes, op: str = "sum", *, async_op: bool = False):
-    """Sum (or max/min) of ``x`` over ``axes``; returns a new tensor on every member."""
+def all_reduce(x: torch.Tensor, mesh: Mesh, axes, op: str = "sum", *, async_op: bool = False,
+               inplace: bool = False):
+    """Sum (or max/min) of ``x`` over ``axes``; returns a new tensor on every member.
+
+    ``inplace=True`` reduces into ``x`` itself when it is contiguous (no copy; ``x`` is returned),
+    for callers that own a scratch buffer such as a gradient bucket."""
     axes = mesh.check_axes(axes)
     if _trivial(mesh, axes):
+        if inplace:
+            return _Done(x) if async_op else x
         return _Done(x.clone()) if async_op else x.clone()
     n = mesh.size(axes)
     record("all_reduce", axes, 2 * (n - 1) / n * x.numel() * x.element_size())
-    out = x.detach().clone().contiguous()
+    out = x.detach() if inplace and x.is_contiguous() else x.detach().clone(memory_format=torch.contiguous_format)
     red = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
     return _run(lambda: dist.all_reduce(out, red, group=mesh.group(axes), async_op=True),
                 lambda: out, f"all_reduce({op})", axes, mesh, async_op)
@@ -116,6 +122,8 @@ def all_gather(x: torch.Tensor, mesh: Mesh, axes, dim: int = 0, *, async_op: boo
     order = mesh.group_index_order(axes)
 
     def finish():
+        if dim == 0 and order == list(range(n)):  # blocks already in place: a view, no copy
+            return flat.view((n * src.shape[0],) + tuple(src.shape[1:]))
         buf = flat.view((n,) + tuple(src.shape))
         parts = buf[order] if order != list(range(n)) else buf
         return torch.cat(list(parts.unbind(0)), dim=dim)
@@ -137,6 +145,11 @@ def reduce_scatter(x: torch.Tensor, mesh: Mesh, axes, dim: int = 0, *, async_op:
     record("reduce_scatter", axes, (n - 1) / n * x.numel() * x.element_size())
     chunks = x.detach().chunk(n, dim=dim)
     order = mesh.group_index_order(axes)
+    if dim == 0 and order == list(range(n)) and x.is_contiguous():  # chunks already in group order: no copy
+        src = x.detach().view(-1)
+        out = torch.empty(chunks[0].shape, dtype=x.dtype, device=x.device)
+        return _run(lambda: _REDUCE_SCATTER(out.view(-1), src, group=mesh.group(axes), async_op=True),
+                    lambda: out, "reduce_scatter", axes, mesh, async_op)
     # group rank g must receive the chunk of the position p with order[p] == g
     by_group = [None] * n
     for p, g in enumerate(order):

@@ -243,10 +243,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         buf = b.grad_buf if b.grad_buf is not None else torch.zeros(b.padded, dtype=b.dtype, device=b.flat.device)
         with C.op_name(f"zero{self.stage} grad bucket {b.index}"):
             if self.stage <= 1:
-                b.pending = C.all_reduce(buf, self.mesh, self.axis, async_op=True)
+                b.pending = C.all_reduce(buf, self.mesh, self.axis, async_op=True, inplace=True)
             else:
                 b.pending = C.reduce_scatter(buf, self.mesh, self.axis, 0, async_op=True)
-        b.grad_buf = None  # the collective works on its own copy
+        b.grad_buf = None  # the collective owns the buffer now (reduced in place)
 
     def _end_backward(self) -> None:
         self._in_backward = False
