@@ -70,14 +70,8 @@ def materialize(module: nn.Module, device: torch.device | str, load: Loader | No
                             load(name, new)
                         elif init is not None:
                             init(name, new)
-                        else:
-                            new = None
-                    if new is None:
-                        new = torch.empty(old.shape, dtype=old.dtype, device=device)
-                        made[id(old)] = new
-                    else:
-                        made[id(old)] = nn.Parameter(new, requires_grad=old.requires_grad) \
-                            if isinstance(old, nn.Parameter) else new
+                    made[id(old)] = nn.Parameter(new, requires_grad=old.requires_grad) \
+                        if isinstance(old, nn.Parameter) else new
                     nbytes += new.numel() * new.element_size()
                 table[key] = made[id(old)]
     if load is None and init is None:
