@@ -64,6 +64,7 @@ class Chunk:
     host_payload: torch.Tensor | None = None
     host_valid: bool = True          # the host copy equals the device copy (eviction needs no download)
     pending: Any = None              # Event of an upload in flight
+    host_event: Any = None           # Event of the download that last wrote host_payload
     busy: Any = None                 # Future of a host optimizer step writing host_payload
     pins: int = 0                    # units using it right now
     last_use: int = -1               # moment of the last access (LRU before a trace exists)

@@ -56,7 +56,7 @@ class SimulatedDevice:
     def host_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(numel, dtype=dtype)
 
-    def upload(self, dst: torch.Tensor, src: torch.Tensor) -> Event:
+    def upload(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None = None) -> Event:
         self.uploads += 1
         dst.copy_(src)
         return Event()
@@ -97,7 +97,9 @@ class CudaDevice:
         self.device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
         total = torch.cuda.get_device_properties(self.device).total_memory
         self.capacity = int(capacity) if capacity is not None else int(total - reserve)
-        self._stream = torch.cuda.Stream(self.device)
+        self._up = torch.cuda.Stream(self.device)      # host -> device
+        self._down = torch.cuda.Stream(self.device)    # device -> host (PCIe is full duplex)
+        self._peak_from = 0
         self.uploads = 0
         self.downloads = 0
 
@@ -107,11 +109,14 @@ class CudaDevice:
     def host_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(numel, dtype=dtype, pin_memory=True)
 
-    def upload(self, dst: torch.Tensor, src: torch.Tensor) -> Event:
-        """``dst`` (device, allocated on the main stream) <- ``src`` (pinned host), on the copy stream."""
+    def upload(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None = None) -> Event:
+        """``dst`` (device, allocated on the main stream) <- ``src`` (pinned host), on the upload stream,
+        after the download ``after`` that filled ``src`` (if any)."""
         self.uploads += 1
-        s = self._stream
+        s = self._up
         s.wait_stream(torch.cuda.current_stream(self.device))
+        if after is not None and after._ev is not None:
+            s.wait_event(after._ev)
         with torch.cuda.stream(s):
             dst.copy_(src, non_blocking=True)
             ev = torch.cuda.Event()
@@ -122,7 +127,7 @@ class CudaDevice:
     def download(self, dst: torch.Tensor, src: torch.Tensor) -> Event:
         """``dst`` (pinned host) <- ``src`` (device), after the main stream's pending work on ``src``."""
         self.downloads += 1
-        s = self._stream
+        s = self._down
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
             dst.copy_(src, non_blocking=True)
@@ -132,10 +137,13 @@ class CudaDevice:
         return Event(ev)
 
     def nonmodel_bytes(self, model_bytes_on_device: int) -> int:
-        return max(0, torch.cuda.memory_allocated(self.device) - model_bytes_on_device)
+        """Peak non-chunk bytes since the last call (op-boundary value and the peak between boundaries)."""
+        peak = max(torch.cuda.memory_allocated(self.device), torch.cuda.max_memory_allocated(self.device))
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return max(0, peak - model_bytes_on_device)
 
     def copy_stream(self) -> ContextManager[Any]:
-        return torch.cuda.stream(self._stream)
+        return torch.cuda.stream(self._up)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)

@@ -129,8 +129,8 @@ class ChunkManager:
             c.pending.wait_stream()
             c.pending = None
         if not c.host_valid:
-            ev = self.device.download(self._host_buffer(c), c.device_payload)
-            ev.wait_host()
+            # no host sync: readers of the host copy wait for c.host_event (uploads on the GPU, the CPU step on the host)
+            c.host_event = self.device.download(self._host_buffer(c), c.device_payload)
             self.stats["downloads"] += 1
             c.host_valid = True
         c.device_payload = None
@@ -168,7 +168,7 @@ class ChunkManager:
         if c.busy is not None:                  # a host optimizer step is writing the host payload
             self.ready(c)
         c.device_payload = self.device.empty(c.numel, c.dtype)
-        c.pending = self.device.upload(c.device_payload, c.host_payload)
+        c.pending = self.device.upload(c.device_payload, c.host_payload, after=c.host_event)
         c.location = "device"
         c.host_valid = True
         self.stats["uploads"] += 1
@@ -196,9 +196,21 @@ class ChunkManager:
         self.bind(c)
 
     def prefetch(self, protect: set[int]) -> None:
-        """Start uploads for the chunks of the next ``lookahead`` moments (after warm-up only)."""
+        """Start uploads for the chunks of the next ``lookahead`` moments (after warm-up only), then,
+        while free budget remains, for any chunk off the device (soonest next use first): parameters
+        updated by a host step go back to the device as soon as the step is done."""
         if not self._uses:
             return
+        self._prefetch_next(protect)
+        waiting = [c for c in self.chunks if c.device_payload is None and (c.busy is None or c.busy.done())]
+        waiting.sort(key=lambda c: self.next_use(c.index, self.moment - 1))
+        for c in waiting:
+            if c.nbytes > self.free_bytes():
+                break
+            self._start_upload(c)
+            self.stats["prefetches"] += 1
+
+    def _prefetch_next(self, protect: set[int]) -> None:
         for k in range(1, self.lookahead + 1):
             t = self.moment - 1 + k
             for ci in self.trace[t % self.period]:

@@ -76,20 +76,43 @@ def adamw_fused_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     if not hasattr(torch, "_fused_adamw_"):
         return adamw_reference_(param, grad, exp_avg, exp_avg_sq, step, lr=lr, beta1=beta1, beta2=beta2,
                                 eps=eps, weight_decay=weight_decay)
-    st = torch.tensor(float(step), dtype=torch.float32, device=param.device)
+    st = torch.full((), float(step), dtype=torch.float32, device=param.device)   # a fill: no host sync
     torch._fused_adamw_([param], [grad], [exp_avg], [exp_avg_sq], [], [st], lr=lr, beta1=beta1, beta2=beta2,
                         weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
 
 
-def default_cpu_step() -> StepFn:
-    """The host AdamW: ``meshpar.optim.CPUAdamW``'s flat ``adamw_step_`` when present, else torch's fused."""
+def _agrees(fn: StepFn) -> bool:
+    """Whether ``fn`` runs with the flat signature and matches the reference on a small float32 case."""
     try:
-        from ..optim import cpu_adam  # type: ignore[attr-defined]  # helper "kernels" (optional seam)
-        fn = getattr(cpu_adam, "adamw_step_", None)
-        if fn is not None:
+        g = torch.Generator().manual_seed(0)
+        outs = []
+        for f in (fn, adamw_reference_):
+            p, m, v = (torch.randn(97, generator=torch.Generator().manual_seed(1)), torch.zeros(97), torch.zeros(97))
+            for step in (1, 2):
+                f(p, torch.randn(97, generator=g), m, v, step, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                  weight_decay=0.1)
+            g = torch.Generator().manual_seed(0)
+            outs.append(p)
+        return bool(torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6))
+    except Exception:  # noqa: BLE001 - any failure means: do not use it
+        return False
+
+
+def default_cpu_step() -> StepFn:
+    """The host AdamW kernel.
+
+    The seam for a faster CPU AdamW: ``meshpar.optim.adamw_step_`` or ``meshpar.optim.CPUAdamW.adamw_step_``
+    (flat tensors, this module's signature ``f(param, grad, exp_avg, exp_avg_sq, step, *, lr, beta1,
+    beta2, eps, weight_decay)``) is used when present and it matches the reference on a small case;
+    otherwise torch's fused CPU AdamW (:func:`adamw_fused_`).
+    """
+    try:
+        from .. import optim
+    except ImportError:  # pragma: no cover
+        return adamw_fused_
+    for fn in (getattr(optim, "adamw_step_", None), getattr(getattr(optim, "CPUAdamW", None), "adamw_step_", None)):
+        if callable(fn) and _agrees(fn):
             return fn
-    except ImportError:
-        pass
     return adamw_fused_
 
 
@@ -480,7 +503,7 @@ class Offload:
             c.device_payload = None
             self.mgr.unbind(c)
         else:
-            ev = None
+            ev = c.host_event          # evicted with its gradients: the download that wrote the host copy
         c.location, c.host_valid = "host", True
         for t in c.tensors:
             t.state = TensorState.FREE
@@ -575,6 +598,8 @@ class Offload:
             for t in c.tensors:
                 if t.state == TensorState.COMPUTE:
                     t.state = TensorState.HOLD
+        self.mgr.moment = 0
+        self.mgr.prefetch(protect=set())         # start the next step's uploads now
         self.warm = True
         self._in_step = False
         self._done_chunks = set()
@@ -585,6 +610,7 @@ class Offload:
 
     def master_params(self) -> dict[str, torch.Tensor]:
         """Name -> this rank's master values (full tensors when not sharded; ZeRO: all-gathered), on the CPU."""
+        self.synchronize()
         out = {}
         full = []
         for st in self.states:
@@ -599,6 +625,12 @@ class Offload:
             off = ti.offset if self.dp > 1 else ti.offset - st.lo
             out[ti.name] = base[off:off + ti.numel].view(ti.shape).clone()
         return out
+
+    def synchronize(self) -> None:
+        """Wait for copies in flight and host optimizer steps."""
+        for c in self.mgr.chunks:
+            self._wait_step(c)
+        self.dev.synchronize()
 
     def chunks(self) -> list[Chunk]:
         """Every chunk this rank holds: parameter chunks, then optimizer-state chunks."""
