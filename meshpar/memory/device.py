@@ -88,18 +88,21 @@ class CudaDevice:
         capacity: bytes the manager may use for chunks plus non-model memory (default the card's
             total memory less ``reserve``).
         reserve: bytes left to the CUDA context, cuBLAS workspaces and fragmentation.
+        track_nonmodel: measure non-model memory (False: count only chunks against ``capacity``,
+            as the simulated device does; for checks that force chunk movement on a real GPU).
     """
 
     simulated = False
 
     def __init__(self, device: torch.device | str | int | None = None, capacity: int | None = None,
-                 reserve: int = 3 << 30):
+                 reserve: int = 3 << 30, track_nonmodel: bool = True):
         self.device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
         total = torch.cuda.get_device_properties(self.device).total_memory
         self.capacity = int(capacity) if capacity is not None else int(total - reserve)
         self._up = torch.cuda.Stream(self.device)      # host -> device
         self._down = torch.cuda.Stream(self.device)    # device -> host (PCIe is full duplex)
-        self._peak_from = 0
+        self.track_nonmodel = track_nonmodel
+        self.nonmodel = 0
         self.uploads = 0
         self.downloads = 0
 
@@ -138,6 +141,8 @@ class CudaDevice:
 
     def nonmodel_bytes(self, model_bytes_on_device: int) -> int:
         """Peak non-chunk bytes since the last call (op-boundary value and the peak between boundaries)."""
+        if not self.track_nonmodel:
+            return 0
         peak = max(torch.cuda.memory_allocated(self.device), torch.cuda.max_memory_allocated(self.device))
         torch.cuda.reset_peak_memory_stats(self.device)
         return max(0, peak - model_bytes_on_device)

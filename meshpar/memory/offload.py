@@ -232,6 +232,9 @@ class Offload:
             raise ValueError(f"offload: parameters {frozen[:5]} do not require grad; freeze nothing or keep them "
                              "out of the offloaded model")
         p0 = named[0][1]
+        meta_names = {n for n, p in named if p.is_meta}
+        if meta_names:
+            named, unit_params = self._swap_meta(model, named, unit_params)
         self.compute_dtype = compute_dtype or (p0.dtype if p0.is_floating_point() else torch.float32)
         self.master_dtype = master_dtype or (torch.float32 if self.compute_dtype in (torch.float16, torch.bfloat16)
                                              else self.compute_dtype)
@@ -259,7 +262,7 @@ class Offload:
                 ti = TensorInfo(name, p, c, off, p.numel(), p.shape)
                 c.tensors.append(ti)
                 self.info[id(p)] = ti
-                val = self._initial_value(name, p, init)
+                val = self._initial_value(name, p, init, name in meta_names)
                 c.host_payload[off:off + p.numel()].copy_(val.reshape(-1))
                 a, b = max(off, lo), min(off + p.numel(), hi)
                 if a < b:
@@ -289,8 +292,25 @@ class Offload:
         self._hook()
 
     # ------------------------------------------------------------------ construction helpers
-    def _initial_value(self, name: str, p: nn.Parameter, init) -> torch.Tensor:
-        if p.is_meta:
+    @staticmethod
+    def _swap_meta(model: nn.Module, named, unit_params):
+        """Replace meta parameters by new (storage-less placeholder) ``nn.Parameter`` s in every module
+        that holds them (a meta tensor cannot take real storage in place); tied ones stay tied."""
+        new: dict[int, nn.Parameter] = {}
+        for _, p in named:
+            if p.is_meta:
+                new[id(p)] = nn.Parameter(torch.zeros(1, dtype=p.dtype).expand(p.shape) if p.ndim else
+                                          torch.zeros((), dtype=p.dtype), requires_grad=p.requires_grad)
+        for m in model.modules():
+            for k, v in list(m._parameters.items()):
+                if v is not None and id(v) in new:
+                    m._parameters[k] = new[id(v)]
+        named = [(n, new.get(id(p), p)) for n, p in named]
+        unit_params = [[new.get(id(p), p) for p in ps] for ps in unit_params]
+        return named, unit_params
+
+    def _initial_value(self, name: str, p: nn.Parameter, init, is_meta: bool) -> torch.Tensor:
+        if is_meta:
             if init is None:
                 raise ValueError(f"offload: parameter {name} is on the meta device; pass init=fn(name, tensor)")
             t = torch.empty(p.shape, dtype=self.master_dtype,
@@ -331,7 +351,7 @@ class Offload:
     def _warmup_budget(self) -> int:
         cap = self.dev.capacity
         total = sum(c.nbytes for c in self.mgr.chunks)
-        if self.dev.simulated:
+        if self.dev.simulated or not getattr(self.dev, "track_nonmodel", True):
             return cap - self.dev.nonmodel - self.margin
         biggest = max((sum(self.mgr.chunks[i].nbytes for i in ids) for ids in self._unit_chunks), default=0)
         return min(cap - self.margin, max(int(cap * self.warmup_fraction), 2 * biggest))
