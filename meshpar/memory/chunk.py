@@ -113,7 +113,7 @@ def pack(named: list[tuple[str, nn.Parameter]], chunk_numel: int) -> list[list[t
     return chunks
 
 
-def default_chunk_numel(numels: list[int], multiple: int = 1, minimum: int = 1 << 20) -> int:
+def default_chunk_numel(numels: list[int], multiple: int = 1, minimum: int = 0) -> int:
     """The chunk size with the least padding among a few candidates >= the largest parameter.
 
     Candidates are the largest parameter times 1, 1.25, 1.5, 2 (and ``minimum``), rounded up to

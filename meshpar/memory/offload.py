@@ -227,6 +227,10 @@ class Offload:
         if missing:
             raise ValueError(f"offload: parameters {missing[:5]} (of {len(missing)}) belong to no unit; every "
                              f"parameter must be inside a unit (units={units!r})")
+        sharded = [n for n, p in named if hasattr(p, "spec") and hasattr(p, "_local")]
+        if sharded:
+            raise ValueError(f"offload: parameters {sharded[:3]} are ShardedTensors (tensor parallelism); the chunk "
+                             "manager handles plain parameters only (ZeRO over mesh= data_axis= is supported)")
         frozen = [n for n, p in named if not p.requires_grad]
         if frozen:
             raise ValueError(f"offload: parameters {frozen[:5]} do not require grad; freeze nothing or keep them "
