@@ -72,7 +72,7 @@ def main() -> None:
         loss = loss_of(blocks, idx, tgt)
         loss.backward()                 # chunks come to the device unit by unit; grads fill the chunks
         off.step()                      # GPU/CPU AdamW per chunk (most already ran during the backward)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         print(f"step {step}: loss {losses[-1]:.4f}")
     print(mm.report(off))
 
@@ -87,7 +87,7 @@ def main() -> None:
             loss = loss_of(ref, idx, tgt)
             loss.backward()
             opt.step()
-            assert abs(float(loss) - losses[step]) < 1e-4, (step, float(loss), losses[step])
+            assert abs(float(loss.detach()) - losses[step]) < 1e-4, (step, float(loss.detach()), losses[step])
         print("matches torch AdamW without offload: True")
     off.close()
 
