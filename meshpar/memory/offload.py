@@ -179,6 +179,9 @@ class Offload:
         overlap: run host optimizer steps on a worker thread while the backward continues.
         margin: device bytes kept free beyond the recorded peak (CUDA default 2 GiB, simulated 0).
         warmup_fraction: share of the capacity parameter chunks may use in the warm-up step (CUDA).
+        step_sync: :meth:`step` waits for the host optimizer steps. By default they may run on into
+            the next forward (a chunk is waited for only when a unit needs it; the host-stepped
+            chunks are the last layers', needed last).
     """
 
     def __init__(self, model: nn.Module, units=None, *, memory: str = "auto", device=None,
@@ -188,7 +191,8 @@ class Offload:
                  weight_decay: float = 0.01, mesh=None, data_axis: str = "data",
                  host_capacity: int | None = None, init: Callable[[str, torch.Tensor], None] | None = None,
                  cpu_step: StepFn | None = None, device_step: StepFn | None = None, overlap: bool = True,
-                 margin: int | None = None, warmup_fraction: float = 0.3, lookahead: int = 2):
+                 margin: int | None = None, warmup_fraction: float = 0.3, lookahead: int = 2,
+                 step_sync: bool = False):
         if memory not in MEMORY_KINDS:
             raise ValueError(f"memory must be one of {MEMORY_KINDS}, got {memory!r}")
         self.model, self.memory = model, memory
@@ -210,6 +214,7 @@ class Offload:
         self.cpu_step = cpu_step or default_cpu_step()
         self.device_step = device_step or adamw_fused_
         self.overlap = overlap and self.dp == 1
+        self.step_sync = step_sync
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="meshpar-cpu-adam") if self.overlap else None
 
         self.units = _select_units(model, units)
@@ -294,6 +299,8 @@ class Offload:
         self._done_chunks: set[int] = set()
         self._handles = []
         self._hook()
+        if not device.simulated and getattr(device, "track_nonmodel", False):
+            torch.cuda.reset_peak_memory_stats(device.device)   # construction temporaries are not non-model memory
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
@@ -615,8 +622,9 @@ class Offload:
                 for t in c.tensors:
                     if t.state == TensorState.HOLD_AFTER_BWD:
                         t.state = TensorState.HOLD
-        for c in self.mgr.chunks:
-            self._wait_step(c)
+        if self.step_sync or not self.warm:
+            for c in self.mgr.chunks:
+                self._wait_step(c)
         for c in self.mgr.chunks:
             c.pins = 0
             for t in c.tensors:
