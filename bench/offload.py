@@ -492,12 +492,13 @@ def main() -> None:
     tag = "smoke" if args.smoke else (torch.cuda.get_device_name(0).replace(" ", "-").lower()
                                        if torch.cuda.is_available() else "cpu")
     stamp = datetime.date.today().isoformat()
-    path = os.path.join(args.out, f"offload-{tag}-{stamp}.json")
+    what = "_".join(args.sizes + [f"max{s}" for s in args.largest]) or "none"
+    path = os.path.join(args.out, f"offload-{tag}-{stamp}-{what}.json")
     with open(path, "w") as f:
         json.dump([{k: v for k, v in r.items() if k != "samples"} for r in results], f, indent=1)
-    png = os.path.join(args.out, f"offload-memory-{tag}.png")
+    png = os.path.join(args.out, f"offload-memory-{tag}-{stamp}-{what}.png")
     plot(results, png)
-    print("\n".join(["", *lines, f"results: {path}", f"plot: {png}"]))
+    print("\n".join(["", *[_row(r) for r in results], *lines, f"results: {path}", f"plot: {png}"]))
 
 
 if __name__ == "__main__":
