@@ -35,7 +35,7 @@ import fnmatch
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -330,10 +330,6 @@ class Offload:
             return t.cpu()
         return p.detach().to(self.master_dtype).cpu()
 
-    def _os_bytes(self, numels: Sequence[int]) -> int:
-        m = torch.tensor([], dtype=self.master_dtype).element_size()
-        return 3 * m * sum(numels) // self.dp
-
     def _check_host(self, numels: Sequence[int], host_capacity: int | None) -> None:
         """Raise before the first step when the host cannot hold the state it must hold."""
         c = torch.tensor([], dtype=self.compute_dtype).element_size()
@@ -361,7 +357,6 @@ class Offload:
 
     def _warmup_budget(self) -> int:
         cap = self.dev.capacity
-        total = sum(c.nbytes for c in self.mgr.chunks)
         if self.dev.simulated or not getattr(self.dev, "track_nonmodel", True):
             return cap - self.dev.nonmodel - self.margin
         biggest = max((sum(self.mgr.chunks[i].nbytes for i in ids) for ids in self._unit_chunks), default=0)
