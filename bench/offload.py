@@ -322,7 +322,11 @@ def run_fsdp2(args) -> dict:
     build_s = time.perf_counter() - t0
     device = torch.device("cuda", 0)
     torch.cuda.reset_peak_memory_stats()
-    state = {"opt": torch.optim.AdamW(blocks.parameters(), lr=args.lr, weight_decay=0.0, fused=True), "fused": True}
+    try:
+        state = {"opt": torch.optim.AdamW(blocks.parameters(), lr=args.lr, weight_decay=0.0, fused=True), "fused": True}
+    except Exception:  # noqa: BLE001 - fused unsupported here: foreach
+        state = {"opt": torch.optim.AdamW(blocks.parameters(), lr=args.lr, weight_decay=0.0, foreach=True),
+                 "fused": False}
 
     def step(i):
         idx, tgt = _batch(args.batch, args.seq, device, i, args.vocab)
