@@ -99,3 +99,53 @@ def memory_report(optimizer: torch.optim.Optimizer | None = None, model: torch.n
         rep.grads += seen.bytes([p.grad for p in model.parameters()])
         rep.buffers = seen.bytes(list(model.buffers()))
     return rep
+
+
+@dataclass
+class ChunkRow:
+    """One chunk: which parameter chunk it belongs to, what it holds, where it is, its bytes."""
+
+    chunk: int
+    kind: str
+    location: str
+    nbytes: int
+    states: dict[str, int]
+    tensors: int
+
+
+@dataclass
+class ChunkReport:
+    """Where every chunk of an :class:`~meshpar.memory.offload.Offload` lives (this rank)."""
+
+    rows: list[ChunkRow]
+    device_budget: int
+    device_bytes: int
+    host_bytes: int
+    stats: dict[str, int]
+
+    def __str__(self) -> str:
+        mib = 2 ** 20
+        lines = [f"{'chunk':>5} {'kind':<11} {'where':<7} {'MiB':>9}  states"]
+        for r in self.rows:
+            st = ", ".join(f"{k} {v}" for k, v in sorted(r.states.items())) or "-"
+            lines.append(f"{r.chunk:>5} {r.kind:<11} {r.location:<7} {r.nbytes / mib:>9.2f}  {st}")
+        lines.append(f"device {self.device_bytes / mib:.2f} MiB (parameter-chunk budget {self.device_budget / mib:.2f} "
+                     f"MiB), host {self.host_bytes / mib:.2f} MiB; moves {self.stats}")
+        return "\n".join(lines)
+
+
+def report(offload) -> ChunkReport:
+    """Where every chunk lives: parameter chunks (compute dtype, holding parameters or gradients)
+    and this rank's optimizer-state chunks (``master``, ``exp_avg``, ``exp_avg_sq``)."""
+    rows = []
+    dev = host = 0
+    for c in offload.chunks():
+        where = "device" if c.device_payload is not None else "host"
+        if c.kind == "param" and c.busy is not None:
+            where = "host"
+        rows.append(ChunkRow(c.index, c.kind, where, c.nbytes, c.states(), len(c.tensors)))
+        if c.device_payload is not None:
+            dev += c.nbytes
+        if c.host_payload is not None:
+            host += c.nbytes
+    return ChunkReport(rows, offload.mgr.budget, dev, host, dict(offload.mgr.stats))

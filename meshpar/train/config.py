@@ -38,7 +38,9 @@ TENSOR_AXES: dict[str, tuple[str, ...]] = {"1d": ("tp",), "2d": ("x", "y"), "2.5
 #: tensor axes the activation batch dimension is split over, per mode (see design.md's table)
 BATCH_TENSOR_AXES: dict[str, tuple[str, ...]] = {"1d": (), "2d": ("x",), "2.5d": ("d", "x"), "3d": ("i", "j")}
 KNOWN_KEYS = {"parallel", "zero", "precision", "gradient_accumulation", "clip_grad_norm", "seed",
-              "model", "train", "data", "optimizer", "lr_scheduler", "checkpoint", "log", "pipeline_schedule"}
+              "model", "train", "data", "optimizer", "lr_scheduler", "checkpoint", "log", "pipeline_schedule",
+              "activation_checkpoint"}
+ACTIVATION_CHECKPOINT = ("none", "block", "selective")  # meshpar.memory.checkpoint_activations policies
 
 
 class ConfigError(ValueError):
@@ -316,6 +318,10 @@ def validate(raw: dict[str, Any], world_size: int | None = None, source: str = "
         raise ConfigError(f"clip_grad_norm must be a positive number or None, got {clip!r}")
     raw["clip_grad_norm"] = clip
     raw["seed"] = _int(raw.get("seed", 1234), "seed", minimum=0)
+    ac = str(raw.get("activation_checkpoint", "none")).lower()
+    if ac not in ACTIVATION_CHECKPOINT:
+        raise ConfigError(f"activation_checkpoint must be one of {ACTIVATION_CHECKPOINT}, got {raw.get('activation_checkpoint')!r}")
+    raw["activation_checkpoint"] = ac
     for sec in ("model", "train", "data", "optimizer", "lr_scheduler", "checkpoint", "log"):
         v = raw.get(sec)
         if v is not None and not isinstance(v, Mapping):
