@@ -35,8 +35,8 @@ import torch
 log = logging.getLogger("cuda_ops")
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_CUDA_ARCH = ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80",
-              "-gencode=arch=compute_80,code=compute_80"]
+# Hopper machine code (sm_90a) plus compute_80 PTX that the driver compiles for any other GPU >= sm_80
+_CUDA_ARCH = ("-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=compute_80")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +61,7 @@ _I64 = ctypes.c_int64
 _F = ctypes.c_float
 _D = ctypes.c_double
 _INT = ctypes.c_int
+_U32 = ctypes.c_uint32
 
 KERNELS: dict[str, KernelSpec] = {
     "cpu_adamw": KernelSpec(
@@ -71,21 +72,19 @@ KERNELS: dict[str, KernelSpec] = {
         doc="AdamW step on flat fp32 CPU tensors (OpenMP, vectorized), optional bf16 copy-out"),
     "dropout": KernelSpec(
         "dropout", ("dropout.cu",), cuda=True, cuda_cflags=("-O3", *_CUDA_ARCH),
-        functions={"meshpar_hash_dropout": (_INT, [_P, _P, _INT, _I64, _P, _P, _P, _INT, ctypes.c_uint32,
-                                                   ctypes.c_uint32, _D, _P])},
-        doc="layout-independent hash dropout (mask computed in-kernel, never stored)"),
+        functions={"meshpar_hash_dropout": (_INT, [_P, _P, _P, _P, _INT, _I64, _P, _P, _P, _INT, _U32, _U32, _D,
+                                                   _P])},
+        doc="layout-independent hash dropout, optionally fused bias + dropout + residual (mask never stored)"),
     "ring_merge": KernelSpec(
         "ring_merge", ("ring_merge.cu",), cuda=True, cuda_cflags=("-O3", *_CUDA_ARCH),
         functions={"meshpar_ring_merge": (_INT, [_P, _P, _P, _P, _INT, _INT, _P, _P, _P, _P, _P]),
-                   "meshpar_ring_grad_acc": (_INT, [_P, _P, _P, _P, _P, _P, _INT, _P, _P, _P, _P, _P])},
+                   "meshpar_ring_grad_acc": (_INT, [_P, _P, _P, _P, _P, _P, _INT, _INT, _P, _P, _P])},
         doc="ring attention: log-sum-exp merge; dQ and GQA-reduced dK/dV fp32 accumulation"),
     "bias_act": KernelSpec(
         "bias_act", ("bias_act.cu",), cuda=True, cuda_cflags=("-O3", *_CUDA_ARCH),
         functions={"meshpar_bias_gelu_fwd": (_INT, [_P, _P, _P, _INT, _I64, _I64, _INT, _P]),
-                   "meshpar_bias_gelu_bwd": (_INT, [_P, _P, _P, _P, _INT, _I64, _I64, _INT, _P]),
-                   "meshpar_bias_dropout_add": (_INT, [_P, _P, _P, _P, _INT, _I64, _P, _P, _P, _INT,
-                                                       ctypes.c_uint32, ctypes.c_uint32, _D, _P])},
-        doc="bias + GeLU (forward, backward) and bias + hash dropout + residual"),
+                   "meshpar_bias_gelu_bwd": (_INT, [_P, _P, _P, _P, _INT, _I64, _I64, _INT, _P])},
+        doc="bias + GeLU, forward and backward"),
 }
 
 
@@ -110,6 +109,9 @@ def _spec_hash(spec: KernelSpec) -> str:
     h = hashlib.sha1()
     for s in spec.sources:
         h.update((_CSRC / s).read_bytes())
+    if spec.cuda:  # the shared headers too
+        for hdr in sorted(_CSRC.glob("*.cuh")):
+            h.update(hdr.read_bytes())
     h.update(repr((spec.cflags, spec.cuda_cflags, spec.ldflags)).encode())
     return h.hexdigest()[:12]
 
