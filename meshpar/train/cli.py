@@ -61,7 +61,11 @@ def _cuda_ops_status() -> dict[str, str]:
         import cuda_ops
     except ImportError as e:
         return {"cuda ops": f"cuda_ops not importable ({e}); pure-torch fallbacks are used"}
-    return {f"kernel {n}": f"{s.state} ({s.reason})" for n, s in cuda_ops.build_all().items()}
+    res = cuda_ops.build_all()
+    counts = {k: sum(s.state == k for s in res.values()) for k in ("built", "fallback", "failed")}
+    out = {"cuda ops": ", ".join(f"{v} {k}" for k, v in counts.items())}
+    out.update({f"kernel {n}": f"{s.state} ({s.reason})" for n, s in res.items()})
+    return out
 
 
 def build_ops() -> int:
