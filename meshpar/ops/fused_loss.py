@@ -8,6 +8,11 @@ reduction), then immediately the input gradient ``g @ W`` and the weight gradien
 chunk of logits (``n * V`` floats) plus ``dW``; nothing of size ``N * V`` ever exists. The backward
 only scales the saved ``dx, dW`` by the incoming scalar gradient.
 
+Per chunk the elementwise work is three pieces over the chunk's logits (row max and target logit; sum of
+``exp``; the gradient), each one pass; on CUDA each piece is ``torch.compile``d (one fused kernel
+reading the half-precision logits; set ``MESHPAR_FUSED_LOSS_COMPILE=0`` for the eager pieces, which
+are also the CPU path and the fallback when compiling fails).
+
 Vocab-parallel (``mesh`` and ``vocab_axes`` given): each rank holds ``weight [V/|Va|, C]``, rows
 ``[r*V/|Va|, (r+1)*V/|Va|)`` for its index ``r`` over ``vocab_axes``, and the same ``x`` and ``targets``
 (replicated over ``vocab_axes``). Per chunk: the row max is a ``pmax`` over ``Va``, the sums of
@@ -27,12 +32,18 @@ incoming gradient before the weight gradient can be formed).
 """
 from __future__ import annotations
 
+import functools
+import logging
+import os
+
 import torch
 
 from ..errors import ShardingError
 from ..mesh import Mesh
 from ..mesh import collectives as C
 from ..sharding.tensor import ShardedTensor
+
+log = logging.getLogger(__name__)
 
 _CHUNK_ELEMS = 1 << 27  # logits elements per chunk by default (512 MB in float32)
 
@@ -44,6 +55,63 @@ def default_chunk(n_tokens: int, v_local: int) -> int:
 
 def _half(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16)
+
+
+def _upcast(logits: torch.Tensor, n_real: int) -> torch.Tensor:
+    lf = logits.float() if _half(logits.dtype) else logits
+    if n_real < lf.shape[1]:  # padded vocabulary columns never win
+        cols = torch.arange(lf.shape[1], device=lf.device)
+        lf = lf.masked_fill(cols >= n_real, float("-inf"))
+    return lf
+
+
+def _row_max_picked(logits, rel, hit, n_real: int):
+    """``(max_v logits, logits[row, rel] where hit else 0)``, ``[n]`` each, in the accumulator dtype."""
+    lf = _upcast(logits, n_real)
+    picked = lf.gather(1, rel.unsqueeze(1)).squeeze(1)
+    return lf.amax(1), torch.where(hit, picked, torch.zeros_like(picked))
+
+
+def _sum_exp(logits, m, n_real: int):
+    """``sum_v exp(logits - m)`` ``[n]``."""
+    return torch.exp(_upcast(logits, n_real) - m.unsqueeze(1)).sum(1)
+
+
+def _logit_grad(logits, m, se, rel, hit, row, n_real: int):
+    """``(softmax - onehot(rel)) * row`` in ``logits.dtype`` (``row``: the per-token loss weight, 0 if ignored)."""
+    lf = _upcast(logits, n_real)
+    g = torch.exp(lf - m.unsqueeze(1)) * (row / se).unsqueeze(1)
+    cols = torch.arange(lf.shape[1], device=lf.device)
+    onehot = (cols.unsqueeze(0) == rel.unsqueeze(1)) & hit.unsqueeze(1)
+    g = g - onehot.to(g.dtype) * row.unsqueeze(1)
+    return g.to(logits.dtype)
+
+
+_PIECES = {"max_picked": _row_max_picked, "sum_exp": _sum_exp, "grad": _logit_grad}
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(name: str) -> dict:
+    """``{"fn": compiled piece or None}`` (one torch.compile per piece per process; None after a failure)."""
+    try:
+        return {"fn": torch.compile(_PIECES[name], dynamic=False)}
+    except Exception as e:  # noqa: BLE001 - no compiler: eager pieces
+        log.info("fused_linear_cross_entropy: torch.compile unavailable (%s); eager pieces", e)
+        return {"fn": None}
+
+
+def _piece(name: str, *args):
+    """Run a per-chunk piece: compiled (one fused pass) on CUDA unless MESHPAR_FUSED_LOSS_COMPILE=0, else eager."""
+    if args[0].is_cuda and os.environ.get("MESHPAR_FUSED_LOSS_COMPILE", "1") != "0":
+        entry = _compiled(name)
+        if entry["fn"] is not None:
+            try:
+                return entry["fn"](*args)
+            except Exception as e:  # noqa: BLE001 - a failed compile falls back, once, with a log line
+                log.warning("fused_linear_cross_entropy: compiled %s failed (%s: %s); using eager pieces", name,
+                            type(e).__name__, str(e)[:200])
+                entry["fn"] = None
+    return _PIECES[name](*args)
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -65,35 +133,24 @@ class _FusedLinearCE(torch.autograd.Function):
         dw = torch.zeros_like(w) if need_dw else None
         for i in range(0, n_tok, chunk):
             xc, tc, vc = x2[i:i + chunk], t[i:i + chunk], valid[i:i + chunk]
-            lf = torch.mm(xc, w.t())
-            lf = lf.float() if _half(lf.dtype) else lf
-            if n_real < v_loc:
-                lf[:, n_real:] = float("-inf")
+            logits = torch.mm(xc, w.t())  # [n, V_loc], the only chunk-sized buffer besides its gradient
             rel = tc - v0
             hit = (rel >= 0) & (rel < n_real) & vc
             rel = torch.where(hit, rel, torch.zeros_like(rel))
-            picked = torch.where(hit, lf.gather(1, rel.unsqueeze(1)).squeeze(1), torch.zeros((), dtype=acc,
-                                                                                           device=lf.device))
-            m = lf.amax(1)
+            m, picked = _piece("max_picked", logits, rel, hit, n_real)
             if va:
                 m = C.all_reduce(m, mesh, va, op="max")
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            lf.sub_(m.unsqueeze(1)).exp_()  # lf = exp(logits - m)
-            se_pk = torch.stack([lf.sum(1), picked])
+            se = _piece("sum_exp", logits, m, n_real)
             if va:
-                se_pk = C.all_reduce(se_pk, mesh, va)
-            se, picked = se_pk[0], se_pk[1]
+                se, picked = C.all_reduce(torch.stack([se, picked]), mesh, va).unbind(0)
             lse = m + se.log()
             total += torch.where(vc, lse - picked, torch.zeros_like(lse)).sum()
             if not (need_dx or need_dw):
                 continue
-            # gradient of the chunk's logits: (softmax - onehot) * scale, zero on ignored rows
             row = torch.where(vc, scale, torch.zeros_like(scale)).to(acc)
-            lf.mul_((row / se).unsqueeze(1))
-            rows = torch.arange(lf.shape[0], device=lf.device)
-            lf.index_put_((rows, rel), -(row * hit.to(acc)), accumulate=True)
-            g = lf.to(x2.dtype)
-            del lf
+            g = _piece("grad", logits, m, se, rel, hit, row, n_real)
+            del logits
             if need_dx:
                 torch.mm(g, w, out=dx[i:i + chunk])
             if need_dw:
