@@ -66,7 +66,7 @@ _U32 = ctypes.c_uint32
 KERNELS: dict[str, KernelSpec] = {
     "cpu_adamw": KernelSpec(
         "cpu_adamw", ("cpu_adamw.cpp",), cuda=False,
-        cflags=("-O3", "-march=native", "-fopenmp", "-ffp-contract=off"), ldflags=("-fopenmp",),
+        cflags=("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"), ldflags=("-fopenmp",),
         functions={"meshpar_adamw_f32": (_INT, [_P, _P, _P, _P, _P, _I64, _INT, _F, _F, _F, _F, _F, _F, _F, _INT]),
                    "meshpar_omp_max_threads": (_INT, [])},
         doc="AdamW step on flat fp32 CPU tensors (OpenMP, vectorized), optional bf16 copy-out"),
