@@ -163,6 +163,7 @@ def time_all(dev, smoke, log) -> list[dict]:
         if nbytes:
             row["GB/s"] = nbytes / r["ms"] / 1e6
         rows.append(row)
+        print("row:", row, flush=True)
         return r["ms"]
 
     def speedups(kernel):

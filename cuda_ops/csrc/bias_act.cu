@@ -1,8 +1,8 @@
 // Fused bias + GeLU: forward out = gelu(T(x + b)), backward dx = dy * gelu'(T(x + b)) (the bias
 // gradient is dx summed over rows, done by torch). x, dy, out, dx: contiguous [rows, L]; b: [L].
 // The intermediate y = T(x + b) is rounded to T as in the eager path (x + b, then F.gelu), and the
-// GeLU formulas are torch's (exact erf form, or the tanh approximation), computed in float (double
-// for float64). Saves the forward's y: the backward recomputes it from x and b.
+// GeLU formulas are torch's (exact erf form, or the tanh approximation; same operation order as
+// ATen's CUDA GeLU kernels), computed in float (double for float64). Saves the forward's y: the backward recomputes it from x and b.
 #include "common.cuh"
 
 namespace {
@@ -11,7 +11,8 @@ template <typename A> __device__ __forceinline__ A gelu_f(A y, int tanh_approx) 
   if (tanh_approx) {
     const A kBeta = (A)(M_SQRT2 * M_2_SQRTPI * 0.5);
     const A kKappa = (A)0.044715;
-    const A inner = kBeta * (y + kKappa * y * y * y);
+    const A y_cube = y * y * y;
+    const A inner = kBeta * (y + kKappa * y_cube);
     return (A)0.5 * y * ((A)1 + tanh(inner));
   }
   const A kAlpha = (A)M_SQRT1_2;
@@ -29,13 +30,15 @@ template <typename A> __device__ __forceinline__ A gelu_grad(A dy, A y, int tanh
     const A left = (A)0.5 * y;
     const A right = (A)1 + t;
     const A left_d = (A)0.5 * right;
-    const A right_d = left * ((A)1 - t * t) * kBeta * ((A)1 + (A)3 * kKappa * y_sq);
+    const A tanh_d = (A)1 - t * t;
+    const A inner_d = kBeta * ((A)1 + (A)3 * kKappa * y_sq);
+    const A right_d = left * tanh_d * inner_d;
     return dy * (left_d + right_d);
   }
   const A kBeta = (A)(M_2_SQRTPI * M_SQRT1_2 * 0.5);
   const A kAlpha = (A)M_SQRT1_2;
   const A cdf = (A)0.5 * ((A)1 + erf(y * kAlpha));
-  const A pdf = kBeta * exp(y * y * (A)-0.5);
+  const A pdf = exp((A)-0.5 * y * y) * kBeta;
   return dy * (cdf + y * pdf);
 }
 

@@ -49,8 +49,11 @@ _CHUNK_ELEMS = 1 << 27  # logits elements per chunk by default (512 MB in float3
 
 
 def default_chunk(n_tokens: int, v_local: int) -> int:
-    """Rows per chunk so a chunk's logits hold about 2**27 elements (at least 1, at most all rows)."""
-    return max(1, min(n_tokens, _CHUNK_ELEMS // max(1, v_local)))
+    """Rows per chunk: the largest power of two whose logits hold at most 2**27 elements (at least 1, at
+    most all rows). A power of two splits the usual token counts evenly, so the compiled per-chunk pieces
+    see one shape."""
+    cap = max(1, _CHUNK_ELEMS // max(1, v_local))
+    return max(1, min(n_tokens, 1 << (cap.bit_length() - 1)))
 
 
 def _half(dtype: torch.dtype) -> bool:
