@@ -28,7 +28,6 @@ import os
 import platform
 import shutil
 from pathlib import Path
-from typing import Callable
 
 import torch
 
