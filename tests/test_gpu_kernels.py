@@ -7,6 +7,8 @@ caching allocator's free memory is filled with NaN first, so unwritten outputs s
 """
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,7 +47,7 @@ def test_hash_dropout_equals_torch_path(monkeypatch, dtype, shape):
     need("dropout")
     from meshpar.ops.dropout import dropout_local
 
-    gen = torch.Generator(device="cuda").manual_seed(hash((str(dtype), shape)) % 2**31)
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr((dtype, shape)).encode()))
     x = torch.randn(shape, device="cuda", generator=gen).to(dtype)
     g = torch.randn(shape, device="cuda", generator=gen).to(dtype)
     offs = [int(v) for v in torch.randint(0, 10_000, (len(shape),), generator=gen, device="cuda")]
