@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 export OUT
 export MESHPAR_OPS_CACHE=${MESHPAR_OPS_CACHE:-/tmp/meshpar_ops_cache}
 export PYTHONPATH=.
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 step() {  # step NAME SECONDS CMD...
   local name=$1 t=$2
   shift 2
