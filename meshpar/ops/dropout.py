@@ -93,6 +93,10 @@ def dropout_local(x: torch.Tensor, offsets: Sequence[int], p: float, seed: int, 
     _check_p(p)
     if p == 0.0:
         return x
+    if x.is_cuda:  # the fused CUDA kernel (same mask and rounding, mask never stored) when it is built
+        from cuda_ops import dropout as kernel
+        if kernel.applies(x):
+            return kernel.hash_dropout(x, offsets, p, seed, site)
     m = keep_mask(x.shape, offsets, p, seed, site, x.device)
     return x * m.to(x.dtype) * (1.0 / (1.0 - p))
 

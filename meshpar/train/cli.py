@@ -2,7 +2,8 @@
 
 ``meshpar run --nproc-per-node N train.py --config cfg.py`` wraps ``torch.distributed.run``
 (``--standalone`` unless rendezvous options are given; gloo on CPU is chosen by ``launch``).
-``meshpar check`` reports torch, CUDA, NCCL, the GPUs and whether the CUDA ops build.
+``meshpar check`` reports torch, CUDA, NCCL, the GPUs and each ``cuda_ops`` kernel (built / fallback /
+failed, with the reason); ``meshpar build-ops`` prebuilds the kernels (see docs/kernels.md).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def check() -> dict[str, str]:
     for i in range(n):
         p = torch.cuda.get_device_properties(i)
         out[f"gpu {i}"] = f"{p.name}, {p.total_memory / 2 ** 30:.0f} GiB, sm_{p.major}{p.minor}"
-    out["cuda ops"] = _cuda_ops_status()
+    out.update(_cuda_ops_status())
     for mod in ("tqdm", "matplotlib", "safetensors", "tensorboard"):
         try:
             importlib.import_module(mod)
@@ -54,23 +55,27 @@ def check() -> dict[str, str]:
     return out
 
 
-def _cuda_ops_status() -> str:
-    import torch
+def _cuda_ops_status() -> dict[str, str]:
+    """``{"kernel NAME": "built|fallback|failed (reason)"}`` for every ``cuda_ops`` kernel (builds them)."""
+    try:
+        import cuda_ops
+    except ImportError as e:
+        return {"cuda ops": f"cuda_ops not importable ({e}); pure-torch fallbacks are used"}
+    res = cuda_ops.build_all()
+    counts = {k: sum(s.state == k for s in res.values()) for k in ("built", "fallback", "failed")}
+    out = {"cuda ops": ", ".join(f"{v} {k}" for k, v in counts.items())}
+    out.update({f"kernel {n}": f"{s.state} ({s.reason})" for n, s in res.items()})
+    return out
 
-    if not torch.cuda.is_available():
-        return "skipped (no CUDA device; pure-torch fallbacks are used)"
-    try:
-        ops = importlib.import_module("cuda_ops")
-    except ImportError:
-        return "no cuda_ops package found (pure-torch fallbacks are used)"
-    build = getattr(ops, "build_all", None) or getattr(ops, "load", None)
-    if build is None:
-        return "cuda_ops present; no build entry point (build_all/load)"
-    try:
-        build()
-        return "build OK"
-    except Exception as e:  # noqa: BLE001
-        return f"build FAILED: {type(e).__name__}: {e}"
+
+def build_ops() -> int:
+    """``meshpar build-ops``: build every kernel that applies here; exit code 1 if one failed to build."""
+    import cuda_ops
+
+    res = cuda_ops.build_all()
+    for n, s in res.items():
+        print(f"{n:>12}: {s.state:<8} {s.reason}")
+    return 1 if any(s.state == "failed" for s in res.values()) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("run", help="torchrun wrapper: meshpar run --nproc-per-node N script.py [script args]",
                    add_help=False)
-    sub.add_parser("check", help="report torch, CUDA, NCCL, GPUs and whether the CUDA ops build")
+    sub.add_parser("check", help="report torch, CUDA, NCCL, GPUs and each cuda_ops kernel (built/fallback/failed)")
+    sub.add_parser("build-ops", help="prebuild the cuda_ops kernels (C++/CUDA, JIT with ninja) into the cache")
     if argv and argv[0] == "run":
         if len(argv) == 1 or argv[1] in ("-h", "--help"):
             print("usage: meshpar run [torchrun options] script.py [script args]\n"
@@ -91,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "check":
         for k, v in check().items():
             print(f"{k:>16}: {v}")
+    if args.cmd == "build-ops":
+        return build_ops()
     return 0
 
 

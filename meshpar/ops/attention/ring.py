@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from cuda_ops import ring as ring_kernel
+
 from ...mesh import Mesh
 from ...mesh import collectives as C
 from . import trace
@@ -27,6 +29,25 @@ from .layout import step_blocks
 
 def _ring_perm(sp: int) -> list[tuple[int, int]]:
     return [(i, (i + 1) % sp) for i in range(sp)]
+
+
+def _merge(out_acc, lse_acc, o, l) -> None:
+    """:func:`merge_`, by the ``cuda_ops`` ring_merge kernel when it applies (CUDA, fp32 accumulators)."""
+    if out_acc.is_cuda and ring_kernel.merge_applies(out_acc, lse_acc, o, l):
+        ring_kernel.merge_(out_acc, lse_acc, o, l)
+    else:
+        merge_(out_acc, lse_acc, o, l)
+
+
+def _acc_grads(dq_acc, d_q, dk_acc, dv_acc, d_k, d_v, rep: int) -> None:
+    """``dq_acc += d_q``, ``dk_acc += reduce_kv(d_k)``, ``dv_acc += reduce_kv(d_v)``: one CUDA kernel when it
+    applies (the GQA sum then in fp32), else the torch ops."""
+    if dq_acc.is_cuda and ring_kernel.grad_applies(dq_acc, d_q, dk_acc, dv_acc, d_k, d_v, rep):
+        ring_kernel.grad_acc_(dq_acc, d_q, dk_acc, dv_acc, d_k, d_v, rep)
+        return
+    dq_acc += d_q
+    dk_acc += reduce_kv(d_k, rep)
+    dv_acc += reduce_kv(d_v, rep)
 
 
 def _chunk(s_loc: int, balanced: bool) -> int:
@@ -65,7 +86,7 @@ class RingAttention(torch.autograd.Function):
                     if out_acc is None:  # step 0, own block: covers every query row
                         out_acc, lse_acc = o.to(acc).clone(), l.to(acc).clone()
                     else:
-                        merge_(out_acc[:, :, blk.q], lse_acc[:, :, blk.q], o, l)
+                        _merge(out_acc[:, :, blk.q], lse_acc[:, :, blk.q], o, l)
                 if nxt is not None:
                     kv = nxt.wait()
         out = out_acc.to(q.dtype)
@@ -101,9 +122,7 @@ class RingAttention(torch.autograd.Function):
                         expand_kv(kv[1][:, :, blk.kv], rep),
                         out[:, :, blk.q], lse[:, :, blk.q], causal=blk.causal, scale=scale, impl=impl,
                         meta=next(metas), delta=None if delta is None else delta[:, :, blk.q])
-                    dq[:, :, blk.q] += d_q
-                    dkv[0][:, :, blk.kv] += reduce_kv(d_k, rep)
-                    dkv[1][:, :, blk.kv] += reduce_kv(d_v, rep)
+                    _acc_grads(dq[:, :, blk.q], d_q, dkv[0][:, :, blk.kv], dkv[1][:, :, blk.kv], d_k, d_v, rep)
                 if dkv_pending is not None:  # the accumulator that travelled with this K/V block
                     dkv += dkv_pending.wait()
                 dkv_pending = C.ppermute(dkv, mesh, axes, perm, async_op=True)
