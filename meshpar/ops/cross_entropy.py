@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..errors import ShardingError
 from ..mesh.autograd import pmax, psum
+from ..sharding.api import reshard
 from ..sharding.core import enter, reduce_unreduced, wrap
 from ..sharding.dispatch import register
 from ..sharding.layout import block_offset, local_shape, take_block
@@ -87,9 +88,11 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
     nd = logits.ndim
     lead = P(*[logits.spec.entries[d] if d < len(logits.spec) else None for d in range(nd - 1)])
     if isinstance(targets, ShardedTensor):
-        if targets.mesh != mesh or targets.spec != lead:
-            raise ShardingError(f"cross_entropy: targets spec {targets.spec} must equal the logits' leading spec "
-                                f"{lead} (logits {logits.spec}); reshard the targets to {lead}")
+        if targets.mesh != mesh:
+            raise ShardingError(f"cross_entropy: targets live on {targets.mesh}, the logits on {mesh}")
+        if targets.spec != lead:
+            # e.g. a data rank's labels P("data") for logits P(("data", "x"), None, "y"): a local slice
+            targets = reshard(targets, lead)
         t = targets._local
     else:
         t = take_block(targets, lead, mesh) if nd > 1 else targets
