@@ -121,7 +121,12 @@ CASES = [
      dict(pipeline_schedule=dict(num_microbatches=2)), 8),
     ("zero1-2d-data2", dict(data=2, tensor=dict(size=4, mode="2d")), dict(zero=dict(stage=1)), 8),
     ("zero2-1d-data2", dict(data=2, tensor=dict(size=2, mode="1d")), dict(zero=dict(stage=2)), 4),
-    ("zero3-1d-data2", dict(data=2, tensor=dict(size=2, mode="1d")), dict(zero=dict(stage=3)), 4),
+    pytest.param(("zero3-1d-data2", dict(data=2, tensor=dict(size=2, mode="1d")), dict(zero=dict(stage=3)), 4),
+                 id="zero3-1d-data2",
+                 marks=pytest.mark.xfail(strict=True, reason=(
+                     "the GPT's functional forward reads its parameters through self.params() and never calls its "
+                     "sub-modules, so ZeRO-3's per-module gather hooks never fire (fixed by the plain-module GPT "
+                     "of parallelize)"))),
 ]
 
 
@@ -132,8 +137,9 @@ def _mesh_of(parallel: dict, extra: dict, world: int):
     return par.mesh_shape, par.mesh_names
 
 
-@pytest.mark.parametrize("name,parallel,extra,world", CASES, ids=[c[0] for c in CASES])
-def test_engine_trains_on_the_global_batch(pool, name, parallel, extra, world):
+@pytest.mark.parametrize("case", [c if hasattr(c, "marks") else pytest.param(c, id=c[0]) for c in CASES])
+def test_engine_trains_on_the_global_batch(pool, case):
+    name, parallel, extra, world = case
     if world > pool.world_size:
         pytest.skip(f"needs {world} ranks (MESHPAR_TEST_WORLD={pool.world_size})")
     shape, names = _mesh_of(parallel, extra, world)
@@ -153,15 +159,14 @@ def _hand_built(mesh):
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(8, 4, generator=g, dtype=torch.float64)
-    W = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    W = torch.randn(4, 6, generator=g, dtype=torch.float64)
     n, r = mesh.size("data"), mesh.coord("data")
     x = X[r * 8 // n:(r + 1) * 8 // n]          # this data rank's batch
     w = mp.shard(W, P(None, "tp"), mesh)
     dense = float((X @ W).square().mean())
 
     def loss(xx):
-        return float(mp.unshard((xx @ w).square().mean()) if isinstance(xx @ w, mp.ShardedTensor)
-                     else (xx @ w).square().mean())
+        return float(mp.unshard((xx @ w).square().mean()))
 
     right = loss(mp.from_local(x, P("data"), mesh))
     wrong = [loss(mp.shard(x, P(), mesh)), loss(mp.shard(x, P("data", None), mesh))]
@@ -184,13 +189,21 @@ def _debug_catches(mesh):
     from meshpar.train import context_for, initialize
 
     ctx = context_for(dict(parallel=dict(data=2, tensor=dict(size=2, mode="1d"))), mesh=mesh)
-    lin = nn.Linear(4, 4, dtype=torch.float64)
-    w = nn.Parameter(mp.shard(lin.weight.detach().T.contiguous(), P(None, "tp"), mesh))
-    model = nn.Module()
-    model.w = w
-    model.forward = lambda x: x @ model.w  # noqa: E731
-    engine, *_ = initialize(model, lambda p: torch.optim.SGD(p, lr=0.1), None, ctx=ctx, debug=True)
-    out = []
+
+    def make(seed):
+        torch.manual_seed(seed)
+        model = nn.Module()
+        model.w = nn.Parameter(mp.shard(torch.randn(4, 4, dtype=torch.float64), P(None, "tp"), mesh))
+        model.forward = lambda x: x @ model.w  # noqa: E731
+        return model
+
+    try:
+        initialize(make(mesh.rank), lambda p: torch.optim.SGD(p, lr=0.1), None, ctx=ctx, debug=True)
+        bad_init = "accepted"
+    except ShardingError as e:
+        bad_init = str(e)
+    engine, *_ = initialize(make(0), lambda p: torch.optim.SGD(p, lr=0.1), None, ctx=ctx, debug=True)
+    out = [bad_init]
     per_rank = torch.full((2, 4), float(mesh.rank), dtype=torch.float64)  # differs between tp peers
     try:
         engine(per_rank)
@@ -210,7 +223,8 @@ def _debug_catches(mesh):
 
 
 def test_debug_mode_detects_mismatched_batches(pool):
-    for per_rank, claimed, fine in pool.run(_debug_catches, (2, 2), ("data", "tp")):
+    for bad_init, per_rank, claimed, fine in pool.run(_debug_catches, (2, 2), ("data", "tp")):
+        assert "parameter 'w'" in bad_init and "differs across the ranks of mesh axes ('data',)" in bad_init
         assert "differs across the ranks of mesh axes ('tp',)" in per_rank and "get_dataloader" in per_rank
         assert "differs across the ranks of mesh axes ('data', 'tp')" in claimed or \
             "differs across the ranks of mesh axes ('data',)" in claimed
