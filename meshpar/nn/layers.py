@@ -15,9 +15,11 @@ import math
 import torch
 import torch.nn as nn
 
-from ..mesh import Mesh
-from ..sharding.api import shard
+from ..errors import ShardingError
+from ..mesh import Mesh, current_mesh
+from ..sharding.api import reshard, shard
 from ..sharding.spec import P
+from ..sharding.tensor import ShardedTensor
 from . import functional as Fm
 
 
@@ -83,6 +85,53 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., padded_in]`` -> ``[..., padded_out]``."""
         return Fm.linear(x, self.weight, self.bias, self.out_spec)
+
+
+class Linear2D(Linear):
+    """SUMMA 2D linear layer on a q x q grid (mesh axes ``"x"``, ``"y"``), like Colossal-AI's ``Linear2D``.
+
+    ``weight [in, out]`` is ``P("x", "y")``, ``bias [out]`` is ``P("y")``. The layer places its own
+    input: ``x [B, ..., in]`` is brought to ``P(Ba, None, ..., "y")`` with ``Ba = ("data", "x")`` when
+    the mesh has a ``"data"`` axis, else ``"x"``. A ShardedTensor input (e.g. the engine's
+    ``from_local(batch, P("data"))``, or the previous ``Linear2D``'s output) is resharded (a free
+    local slice from ``P("data")``); a plain tensor is taken as the **global** input, equal on
+    every rank. The output ``[B, ..., out]`` is ``P(Ba, None, ..., "y")``, which the next
+    ``Linear2D`` takes as is.
+
+    Args:
+        in_features, out_features: sizes; each must divide by q (the input's feature dim is split
+            over ``"y"``; the output's too).
+        mesh: default: the current mesh (``with mesh:``, or the one ``meshpar.train.launch`` set).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, mesh: Mesh | None = None,
+                 weight: torch.Tensor | None = None, bias_init: torch.Tensor | None = None, seed: int = 0,
+                 dtype: torch.dtype = torch.float32):
+        mesh = current_mesh(mesh)
+        for a in ("x", "y"):
+            if a not in mesh.names:
+                raise ShardingError(f"Linear2D needs mesh axes 'x' and 'y' (a q x q grid); {mesh} has {mesh.names}. "
+                                    "Use the config parallel=dict(tensor=dict(size=q*q, mode='2d'))")
+        q = mesh.size("y")
+        for name, n in (("in_features", in_features), ("out_features", out_features)):
+            if n % q:
+                raise ShardingError(f"Linear2D: {name}={n} is not divisible by q={q} (the grid side); use a "
+                                    f"multiple of {q}")
+        super().__init__(in_features, out_features, bias, mesh=mesh, weight_spec=P("x", "y"), bias_spec=P("y"),
+                         weight=weight, bias_init=bias_init, seed=seed, dtype=dtype)
+        self.batch_axes = ("data", "x") if "data" in mesh.names else ("x",)
+
+    def input_spec(self, ndim: int) -> P:
+        """The layout the layer brings its ``ndim``-dim input to: ``P(Ba, None, ..., "y")``."""
+        return P(self.batch_axes, *([None] * (ndim - 2)), "y")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, ..., in]`` (ShardedTensor, or a plain global tensor) -> ``[B, ..., out]`` ``P(Ba, ..., "y")``."""
+        if x.ndim < 2:
+            raise ShardingError(f"Linear2D takes [batch, ..., {self.in_features}], got shape {tuple(x.shape)}")
+        spec = self.input_spec(x.ndim)
+        x = reshard(x, spec) if isinstance(x, ShardedTensor) else shard(x, spec, self.mesh)
+        return super().forward(x)
 
 
 class LayerNorm(nn.Module):

@@ -143,7 +143,8 @@ def launch(config: str | os.PathLike | Mapping[str, Any] | Config, rank: int, wo
     """Initialize torch.distributed (unless it already is), build the config's mesh, and make the
     returned :class:`Context` the current one for what follows in the process (so
     ``get_dataloader(dataset, batch_size=...)`` and ``initialize(model, optimizer, criterion, dl)``
-    need no ``mesh=``/``ctx=``; explicit arguments still win).
+    need no ``mesh=``/``ctx=``; explicit arguments still win). The mesh also becomes the default
+    mesh (as in ``with mesh:``), so layers such as :class:`meshpar.nn.Linear2D` find it.
 
     Args:
         config: path (.py/.toml), dict or Config.
@@ -185,6 +186,7 @@ def launch(config: str | os.PathLike | Mapping[str, Any] | Config, rank: int, wo
     ctx = Context(mesh=mesh, config=cfg, rank=rank, world_size=world_size, local_rank=local_rank,
                   device=device, logger=logger)
     _CURRENT.set(ctx)
+    mesh.__enter__()  # the default mesh for what follows (as `with mesh:`), e.g. for meshpar.nn.Linear2D
     return ctx
 
 
