@@ -45,6 +45,49 @@ def _cast_floating(tree: Any, dtype: torch.dtype, only: torch.dtype | None = Non
     return tree_map(cast, tree)
 
 
+def _sharded_to_compute_dtype(model: nn.Module, optimizer: Any, dtype: torch.dtype
+                              ) -> tuple[dict[int, torch.Tensor], Any]:
+    """Replace every floating ShardedTensor parameter of ``model`` not in ``dtype`` by a copy in ``dtype``.
+
+    Returns ``({id(new param): fp32 local block}, optimizer)``; an optimizer instance has its param
+    groups pointed at the new parameters."""
+    swap: dict[int, nn.Parameter] = {}
+    masters: dict[int, torch.Tensor] = {}
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None or not isinstance(p, ShardedTensor) or not p.is_floating_point() or p.dtype == dtype:
+                continue
+            if id(p) not in swap:
+                local = p._local.detach()
+                q = nn.Parameter(ShardedTensor(local.to(dtype), p.spec, p.mesh, tuple(p.shape)),
+                                 requires_grad=p.requires_grad)
+                for attr in ("_meshpar_defer_reduce",):
+                    if hasattr(p, attr):
+                        setattr(q, attr, getattr(p, attr))
+                swap[id(p)] = q
+                masters[id(q)] = local.float() if local.dtype != torch.float64 else local
+            mod._parameters[name] = swap[id(p)]
+    if swap and isinstance(optimizer, torch.optim.Optimizer):
+        for group in optimizer.param_groups:
+            group["params"] = [swap.get(id(p), p) for p in group["params"]]
+    return masters, optimizer
+
+
+@torch.no_grad()
+def _load_masters(opt: Any, masters: dict[int, torch.Tensor]) -> None:
+    """Write the fp32 values of the converted parameters into the ZeRO wrapper's master buckets."""
+    for b in opt.buckets:
+        if b.master is b.flat or b.master.dtype == b.flat.dtype:
+            continue
+        lo, hi = (0, b.padded) if opt.stage == 0 else (b.lo, b.hi)
+        for e in b.entries:
+            src = masters.get(id(e.param))
+            r = e.range_in(lo, hi)
+            if src is None or r is None:
+                continue
+            b.master[r[0] - lo:r[1] - lo].copy_(src.reshape(-1)[r[0] - e.offset:r[1] - e.offset])
+
+
 def make_plan(ctx: Context | None = None):
     """The model plan of the context's mode on its mesh (``meshpar.models.plans.make_plan``).
 
@@ -117,13 +160,17 @@ class Engine:
         return frozenset(n for n, _ in self.model.named_parameters())
 
     def gather_model(self) -> Any:
-        """The whole model with the trained weights on every rank: ``engine.model`` without a pipeline;
-        with one, the model given to ``initialize`` (e.g. the GPT) after every stage's parameters
-        were broadcast into it over the pipe axis (collective over pipe; for sampling or evaluation
-        outside the pipeline)."""
-        if self._pipe is None:
-            return self.model
-        return self._pipe.gather()
+        """The whole model with the trained weights on every rank (collective): ``engine.model``
+        without a pipeline (under ZeRO-3 its parameters are first all-gathered over data, so they
+        hold their full values until the next forward frees them); with a pipeline, the model given
+        to ``initialize`` (e.g. the GPT) after every stage's parameters were broadcast into it over
+        the pipe axis (for sampling or evaluation outside the pipeline)."""
+        if self._pipe is not None:
+            return self._pipe.gather()
+        if getattr(self.optimizer, "stage", 0) == 3:
+            from ..optim.gather import gather_all
+            gather_all(self.optimizer)
+        return self.model
 
     # ---------------------------------------------------------------- step parts
     def zero_grad(self) -> None:
@@ -283,6 +330,12 @@ def initialize(model: ModelLike, optimizer: OptimLike, criterion: Callable | Non
         B.check_replicas(dict(named.named_parameters()), ctx.mesh, what="parameter", skip_axes=("pipe",),
                          fix="Initialize parameters from a seed that is the same on every rank "
                              "(ctx.seed_for(()), not a per-rank seed) and shard them from one global value.")
+    low = _DTYPES[cfg.precision]
+    masters: dict[int, torch.Tensor] = {}
+    if low is not None and pipe is None:
+        # one place says the compute dtype: fp32 ShardedTensor parameters get a low-precision compute
+        # copy here (plain ones are cast by the ZeRO wrapper), and their fp32 values become the masters
+        masters, optimizer = _sharded_to_compute_dtype(model, optimizer, low)
     if not isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer(model.parameters())
     elif pipe is not None:
@@ -291,6 +344,8 @@ def initialize(model: ModelLike, optimizer: OptimLike, criterion: Callable | Non
     opt = zero(optimizer, ctx.mesh, stage=cfg.zero_stage, axis="data", module=setup.named if setup else model,
                compute_dtype=_DTYPES[cfg.precision], max_grad_norm=cfg.clip_grad_norm,
                stage_axes=("pipe",) if pipe is not None else (), **cfg.section("zero").get("options", {}))
+    if masters:
+        _load_masters(opt, masters)
     if pipe is not None:
         pipe.no_sync = opt.no_sync  # the ZeRO wrapper reduces once, after the step's last backward
     if lr_scheduler is not None and callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
