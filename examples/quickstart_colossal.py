@@ -82,7 +82,4 @@ def main(argv: list[str] | None = None) -> list[float]:
 
 
 if __name__ == "__main__":
-    import torch.distributed as dist
-
-    main()
-    dist.destroy_process_group()
+    main()  # launch tears the process group down at exit

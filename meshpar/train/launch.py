@@ -7,6 +7,7 @@ can live in one program.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import datetime
@@ -167,6 +168,9 @@ def launch(config: str | os.PathLike | Mapping[str, Any] | Config, rank: int, wo
         local_rank = 0 if local_rank is None else local_rank
         device = torch.device("cpu")
     if not dist.is_initialized():
+        # the world this launch creates is torn down at exit (joins gloo/NCCL threads: no
+        # "terminate called without an active exception" when a script ends without destroying it)
+        atexit.register(_teardown)
         timeout = datetime.timedelta(seconds=timeout_s)
         if init_method == "env://":
             dist.init_process_group(backend, store=_elastic_store(host, int(port), rank, world_size, timeout),
@@ -188,6 +192,13 @@ def launch(config: str | os.PathLike | Mapping[str, Any] | Config, rank: int, wo
     _CURRENT.set(ctx)
     mesh.__enter__()  # the default mesh for what follows (as `with mesh:`), e.g. for meshpar.nn.Linear2D
     return ctx
+
+
+def _teardown() -> None:
+    """Destroy the default process group at interpreter exit, if the script has not already."""
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 def _elastic_store(host: str, port: int, rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
