@@ -42,7 +42,7 @@ def full_params(model, gcfg) -> dict[str, torch.Tensor]:
 def _gcfg():
     from meshpar.models.gpt import GPTConfig
 
-    return GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=4, n_embd=16)
+    return GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=4, n_embd=16)
 
 
 def _dataset():

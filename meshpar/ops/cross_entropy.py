@@ -55,6 +55,18 @@ def _dense(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduc
                            reduction=reduction).reshape(targets.shape if reduction == "none" else ())
 
 
+def _refines(have: P, want: P, ndim: int) -> bool:
+    """Whether ``want`` only splits further what ``have`` splits (per dim, ``have``'s axes are a prefix
+    of ``want``'s), so resharding ``have`` -> ``want`` is a local slice without communication."""
+    if have.unreduced:
+        return False
+    for d in range(ndim):
+        h, w = have.axes_of(d), want.axes_of(d)
+        if tuple(w[:len(h)]) != tuple(h):
+            return False
+    return True
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
                   reduction: str = "mean", vocab_size: int | None = None) -> torch.Tensor:
     """Cross-entropy with the class dimension **last**.
@@ -91,7 +103,10 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
         if targets.mesh != mesh:
             raise ShardingError(f"cross_entropy: targets live on {targets.mesh}, the logits on {mesh}")
         if targets.spec != lead:
-            # e.g. a data rank's labels P("data") for logits P(("data", "x"), None, "y"): a local slice
+            if not _refines(targets.spec, lead, nd - 1):
+                raise ShardingError(f"cross_entropy: targets spec {targets.spec} must equal the logits' leading "
+                                    f"spec {lead} (logits {logits.spec}); reshard the targets to {lead}")
+            # e.g. a data rank's labels P("data") for logits P(("data", "x"), None, "y"): a free local slice
             targets = reshard(targets, lead)
         t = targets._local
     else:
