@@ -217,7 +217,7 @@ class Engine:
             raise ValueError("initialize(...) was given no criterion")
         if self.compute_dtype is not None:
             args, kwargs = _cast_floating((args, kwargs), torch.float32, only=self.compute_dtype)
-        if self.sharded or any(isinstance(a, ShardedTensor) for a in _leaves((args, kwargs))):
+        if any(isinstance(a, ShardedTensor) for a in _leaves((args, kwargs))):
             args, kwargs = B.place_batch((args, kwargs), self.mesh)
         return self._criterion(*args, **kwargs)
 
