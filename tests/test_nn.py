@@ -454,3 +454,52 @@ def test_bad_inputs_raise_before_communication(pool):
     assert "ring attention" in m["att_seq"] and "n_head divisible" in m["att_heads"]
     assert "'y'" in m["emb_clash"] and "reshard the targets" in m["ce_targets"]
     assert "unreduced" in m["drop_unreduced"]
+
+
+# ----------------------------------------------------------------------------- padded logits (issue 17)
+def _padded_head(mesh):
+    """9 classes on a 2x2 grid: the weight is padded to 10 columns; every loss and metric sees 9."""
+    import torch.nn as tnn
+
+    g = _g(3)
+    X = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    Y = torch.randint(0, 9, (8,), generator=g)
+    W = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    Bb = torch.randn(9, generator=g, dtype=torch.float64)
+    dense_logits = (X @ W + Bb).detach()
+    dense_loss = float(F.cross_entropy(dense_logits, Y))
+    out = {}
+    for cls in ("Linear2D", "Linear"):
+        kw = dict(mesh=mesh, weight=W, bias_init=Bb, dtype=torch.float64)
+        head = mnn.Linear2D(6, 9, **kw) if cls == "Linear2D" else \
+            mnn.Linear(6, 9, weight_spec=P("x", "y"), bias_spec=P("y"), **kw)
+        x = X if cls == "Linear2D" else shard(X, P("x", "y"), mesh)  # Linear: logical-size input, padded inside
+        assert head.padded_out == 10
+        logits = head(x)
+        losses = [tnn.CrossEntropyLoss()(logits, Y), mnn.CrossEntropyLoss()(logits, Y),
+                  mnn.CrossEntropyLoss(vocab_size=9)(logits, Y)]
+        full = unshard(logits)
+        out[cls] = dict(
+            shape=tuple(logits.shape),
+            loss_err=max(abs(float(unshard(v)) - dense_loss) for v in losses),
+            logit_err=float((full - dense_logits).abs().max()),
+            softmax_err=float((unshard(logits.softmax(-1)) - dense_logits.softmax(-1)).abs().max()),
+            argmax_ok=bool((full.argmax(-1) == dense_logits.argmax(-1)).all()))
+    # keep_padding=True: the padded [8, 10] logits need vocab_size= (documented); without it the loss differs
+    head = mnn.Linear2D(6, 9, mesh=mesh, weight=W, bias_init=Bb, dtype=torch.float64, keep_padding=True)
+    padded = head(X)
+    out["keep_padding"] = (tuple(padded.shape), abs(float(unshard(mnn.CrossEntropyLoss(vocab_size=9)(padded, Y)))
+                                                    - dense_loss), abs(float(unshard(mnn.CrossEntropyLoss()(padded, Y)))
+                                                                       - dense_loss))
+    return out
+
+
+def test_padded_logits_any_loss_is_right(pool):
+    for res in pool.run(_padded_head, (2, 2), ("x", "y")):
+        for cls in ("Linear2D", "Linear"):
+            r = res[cls]
+            assert r["shape"] == (8, 9), r
+            assert r["loss_err"] < 1e-12 and r["logit_err"] < 1e-12 and r["softmax_err"] < 1e-12, r
+            assert r["argmax_ok"], r
+        shape, with_vocab, without = res["keep_padding"]
+        assert shape == (8, 10) and with_vocab < 1e-12 and without > 1e-3

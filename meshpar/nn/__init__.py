@@ -5,7 +5,7 @@ Importing this package registers the layer op rules (``F.layer_norm``, ``F.rms_n
 """
 from ..ops import cross_entropy as _ce, dropout as _do, embedding as _emb, norms as _norms  # noqa: F401 (rules)
 from . import functional
-from .layers import CausalSelfAttention, CrossEntropyLoss, Dropout, Embedding, LayerNorm, Linear, RMSNorm
+from .layers import CausalSelfAttention, CrossEntropyLoss, Dropout, Embedding, LayerNorm, Linear, Linear2D, RMSNorm
 
-__all__ = ["functional", "Linear", "LayerNorm", "RMSNorm", "Embedding", "Dropout", "CausalSelfAttention",
+__all__ = ["functional", "Linear", "Linear2D", "LayerNorm", "RMSNorm", "Embedding", "Dropout", "CausalSelfAttention",
            "CrossEntropyLoss"]

@@ -6,7 +6,16 @@ and 3D with ``P("k", ("j", "i"))``. With ``mesh=None`` every layer is the plain 
 
 Sizes that do not divide the shard count are zero-padded by the layer (``.padded_*``
 attributes). Padding is exact: padded weights stay zero and get zero gradients, and norms count
-only the real positions; feed activations padded the same way (zeros in the padding).
+only the real positions.
+
+**Logical sizes in and out.** A layer whose feature dim is padded takes its input at the logical
+size (``[..., in_features]``; it zero-pads it itself) or already padded (``[..., padded_in]``), and
+returns its output at the **logical** size (``[..., out_features]``): the padded columns are
+dropped (the output's last dim is gathered first when it is split, one all-gather of the output,
+and only when padding exists). So a 9-class head on a 2 x 2 grid returns ``[B, 9]`` logits, and any
+loss (``nn.CrossEntropyLoss()``, ``meshpar.nn.CrossEntropyLoss()`` with or without ``vocab_size=``),
+softmax, argmax or sampling sees only the real classes. ``keep_padding=True`` returns the padded
+output instead (``[..., padded_out]``, zeros in the pad: then pass ``vocab_size=`` to the loss).
 """
 from __future__ import annotations
 
@@ -15,9 +24,12 @@ import math
 import torch
 import torch.nn as nn
 
-from ..mesh import Mesh
-from ..sharding.api import shard
+from ..errors import ShardingError
+from ..mesh import Mesh, current_mesh
+from ..sharding.api import reshard, shard
+from ..sharding.core import enter, wrap
 from ..sharding.spec import P
+from ..sharding.tensor import ShardedTensor
 from . import functional as Fm
 
 
@@ -41,6 +53,37 @@ def _param(t: torch.Tensor, spec: P | None, mesh: Mesh | None, padded: tuple[int
     return nn.Parameter(shard(t, spec if spec is not None else P(), mesh))
 
 
+def pad_last(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x [..., m]`` zero-padded to ``[..., n]`` (``n >= m``). A ShardedTensor whose last dim is split
+    is first gathered on that dim (the pad must sit at the global end); other dims keep their layout."""
+    m = x.shape[-1]
+    if m == n:
+        return x
+    if not isinstance(x, ShardedTensor):
+        return torch.nn.functional.pad(x, (0, n - m))
+    x = _whole_last(x)
+    return wrap(torch.nn.functional.pad(enter(x), (0, n - m)), x.spec, x.mesh, (*x.shape[:-1], n))
+
+
+def unpad_last(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` entries of ``x``'s last dim (``x[..., :n]``) at the logical size. A ShardedTensor
+    is first reduced (if unreduced) and gathered on its last dim; other dims keep their layout."""
+    if x.shape[-1] == n:
+        return x
+    if not isinstance(x, ShardedTensor):
+        return x[..., :n]
+    x = _whole_last(x)
+    return wrap(enter(x)[..., :n], x.spec, x.mesh, (*x.shape[:-1], n))
+
+
+def _whole_last(x: ShardedTensor) -> ShardedTensor:
+    """``x`` reduced, with its last dim replicated (other dims' layout kept)."""
+    entries = [x.spec[d] if d < len(x.spec) else None for d in range(x.ndim)]
+    entries[-1] = None
+    want = P(*entries)
+    return x if x.spec == want else reshard(x, want)
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -55,14 +98,17 @@ class Linear(nn.Module):
             dim is split over fewer axes than the weight's (e.g. ``P("j")`` for ``P("k", ("j","i"))``).
         out_spec: layout the product is brought to before the bias (reduces a row-parallel partial sum).
         weight, bias: optional dense initial values (else U(-1/sqrt(in), 1/sqrt(in)) from ``seed``).
+        keep_padding: return ``[..., padded_out]`` (zeros in the pad) instead of the logical
+            ``[..., out_features]`` (see the module docstring).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, mesh: Mesh | None = None,
                  weight_spec: P | None = None, bias_spec: P | None = None, out_spec: P | None = None,
                  weight: torch.Tensor | None = None, bias_init: torch.Tensor | None = None, seed: int = 0,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, keep_padding: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.mesh, self.out_spec = in_features, out_features, mesh, out_spec
+        self.keep_padding = keep_padding
         weight_spec = weight_spec if weight_spec is not None else P()
         if bias_spec is None:
             bias_spec = P(weight_spec[1] if len(weight_spec) > 1 else None)
@@ -81,8 +127,59 @@ class Linear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., padded_in]`` -> ``[..., padded_out]``."""
-        return Fm.linear(x, self.weight, self.bias, self.out_spec)
+        """``x [..., in_features]`` or ``[..., padded_in]`` -> ``[..., out_features]`` (``[..., padded_out]``
+        with ``keep_padding=True``)."""
+        if x.shape[-1] not in (self.in_features, self.padded_in):
+            raise ShardingError(f"Linear: input has {x.shape[-1]} features (last dim); expected in_features="
+                                f"{self.in_features} (or the padded {self.padded_in})")
+        y = Fm.linear(pad_last(x, self.padded_in), self.weight, self.bias, self.out_spec)
+        return y if self.keep_padding else unpad_last(y, self.out_features)
+
+
+class Linear2D(Linear):
+    """SUMMA 2D linear layer on a q x q grid (mesh axes ``"x"``, ``"y"``), like Colossal-AI's ``Linear2D``.
+
+    ``weight [in, out]`` is ``P("x", "y")``, ``bias [out]`` is ``P("y")``. The layer places its own
+    input: ``x [B, ..., in]`` is brought to ``P(Ba, None, ..., "y")`` with ``Ba = ("data", "x")`` when
+    the mesh has a ``"data"`` axis, else ``"x"``. A ShardedTensor input (e.g. the engine's
+    ``from_local(batch, P("data"))``, or the previous ``Linear2D``'s output) is resharded (a free
+    local slice from ``P("data")``); a plain tensor is taken as the **global** input, equal on
+    every rank. The output ``[B, ..., out]`` is ``P(Ba, None, ..., "y")``, which the next
+    ``Linear2D`` takes as is.
+
+    Args:
+        in_features, out_features: sizes (padded to a multiple of q inside; input and output are at
+            the logical sizes, see the module docstring).
+        mesh: default: the current mesh (``with mesh:``, or the one ``meshpar.train.launch`` set).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, mesh: Mesh | None = None,
+                 weight: torch.Tensor | None = None, bias_init: torch.Tensor | None = None, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, keep_padding: bool = False):
+        mesh = current_mesh(mesh)
+        for a in ("x", "y"):
+            if a not in mesh.names:
+                raise ShardingError(f"Linear2D needs mesh axes 'x' and 'y' (a q x q grid); {mesh} has {mesh.names}. "
+                                    "Use the config parallel=dict(tensor=dict(size=q*q, mode='2d'))")
+        super().__init__(in_features, out_features, bias, mesh=mesh, weight_spec=P("x", "y"), bias_spec=P("y"),
+                         weight=weight, bias_init=bias_init, seed=seed, dtype=dtype, keep_padding=keep_padding)
+        self.batch_axes = ("data", "x") if "data" in mesh.names else ("x",)
+
+    def input_spec(self, ndim: int) -> P:
+        """The layout the layer brings its ``ndim``-dim input to: ``P(Ba, None, ..., "y")``."""
+        return P(self.batch_axes, *([None] * (ndim - 2)), "y")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, ..., in]`` (ShardedTensor, or a plain global tensor) -> ``[B, ..., out]`` ``P(Ba, ..., "y")``."""
+        if x.ndim < 2:
+            raise ShardingError(f"Linear2D takes [batch, ..., {self.in_features}], got shape {tuple(x.shape)}")
+        if x.shape[-1] not in (self.in_features, self.padded_in):
+            raise ShardingError(f"Linear2D: input has {x.shape[-1]} features (last dim); expected in_features="
+                                f"{self.in_features}")
+        x = pad_last(x, self.padded_in)
+        spec = self.input_spec(x.ndim)
+        x = reshard(x, spec) if isinstance(x, ShardedTensor) else shard(x, spec, self.mesh)
+        return super().forward(x)
 
 
 class LayerNorm(nn.Module):
@@ -103,7 +200,10 @@ class LayerNorm(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return Fm.layer_norm(x, self.weight, self.bias, self.eps, true_size=self.normalized_shape)
+        """``x [..., n]`` at the logical size (padded in, unpadded out) or padded (kept padded)."""
+        logical = x.shape[-1] == self.normalized_shape != self.padded
+        y = Fm.layer_norm(pad_last(x, self.padded), self.weight, self.bias, self.eps, true_size=self.normalized_shape)
+        return unpad_last(y, self.normalized_shape) if logical else y
 
 
 class RMSNorm(nn.Module):
@@ -118,7 +218,10 @@ class RMSNorm(nn.Module):
         self.weight = _param(w.to(dtype), spec, mesh, (self.padded,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return Fm.rms_norm(x, self.weight, self.eps, true_size=self.normalized_shape)
+        """``x [..., n]`` at the logical size (padded in, unpadded out) or padded (kept padded)."""
+        logical = x.shape[-1] == self.normalized_shape != self.padded
+        y = Fm.rms_norm(pad_last(x, self.padded), self.weight, self.eps, true_size=self.normalized_shape)
+        return unpad_last(y, self.normalized_shape) if logical else y
 
 
 class Embedding(nn.Module):

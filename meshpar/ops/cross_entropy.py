@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..errors import ShardingError
 from ..mesh.autograd import pmax, psum
+from ..sharding.api import reshard
 from ..sharding.core import enter, reduce_unreduced, wrap
 from ..sharding.dispatch import register
 from ..sharding.layout import block_offset, local_shape, take_block
@@ -52,6 +53,18 @@ def _dense(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduc
     v = logits.shape[-1]
     return F.cross_entropy(logits.reshape(-1, v), targets.reshape(-1), ignore_index=ignore_index,
                            reduction=reduction).reshape(targets.shape if reduction == "none" else ())
+
+
+def _refines(have: P, want: P, ndim: int) -> bool:
+    """Whether ``want`` only splits further what ``have`` splits (per dim, ``have``'s axes are a prefix
+    of ``want``'s), so resharding ``have`` -> ``want`` is a local slice without communication."""
+    if have.unreduced:
+        return False
+    for d in range(ndim):
+        h, w = have.axes_of(d), want.axes_of(d)
+        if tuple(w[:len(h)]) != tuple(h):
+            return False
+    return True
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
@@ -87,9 +100,14 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
     nd = logits.ndim
     lead = P(*[logits.spec.entries[d] if d < len(logits.spec) else None for d in range(nd - 1)])
     if isinstance(targets, ShardedTensor):
-        if targets.mesh != mesh or targets.spec != lead:
-            raise ShardingError(f"cross_entropy: targets spec {targets.spec} must equal the logits' leading spec "
-                                f"{lead} (logits {logits.spec}); reshard the targets to {lead}")
+        if targets.mesh != mesh:
+            raise ShardingError(f"cross_entropy: targets live on {targets.mesh}, the logits on {mesh}")
+        if targets.spec != lead:
+            if not _refines(targets.spec, lead, nd - 1):
+                raise ShardingError(f"cross_entropy: targets spec {targets.spec} must equal the logits' leading "
+                                    f"spec {lead} (logits {logits.spec}); reshard the targets to {lead}")
+            # e.g. a data rank's labels P("data") for logits P(("data", "x"), None, "y"): a free local slice
+            targets = reshard(targets, lead)
         t = targets._local
     else:
         t = take_block(targets, lead, mesh) if nd > 1 else targets

@@ -167,3 +167,13 @@ def end_backward(zo: "ZeroOptimizer") -> None:
 
 
 invalidate = end_backward
+
+
+def gather_all(zo: "ZeroOptimizer") -> None:
+    """Gather every unit's parameters (collective over the data axis): afterwards each parameter holds
+    its full value (its tensor-parallel block), as in stages 0-2, until the next forward frees the
+    units again (their hooks re-gather on demand). Used by ``Engine.gather_model()`` under stage 3."""
+    for b in zo.buckets:
+        start(zo, b)
+    for b in zo.buckets:
+        wait(zo, b)

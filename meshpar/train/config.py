@@ -14,6 +14,7 @@ process group or collective is touched. See ``docs/config.md`` for every key.
 from __future__ import annotations
 
 import copy
+import difflib
 import logging
 import math
 import os
@@ -37,9 +38,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 TENSOR_AXES: dict[str, tuple[str, ...]] = {"1d": ("tp",), "2d": ("x", "y"), "2.5d": ("d", "x", "y"), "3d": ("i", "j", "k")}
 #: tensor axes the activation batch dimension is split over, per mode (see design.md's table)
 BATCH_TENSOR_AXES: dict[str, tuple[str, ...]] = {"1d": (), "2d": ("x",), "2.5d": ("d", "x"), "3d": ("i", "j")}
-KNOWN_KEYS = {"parallel", "zero", "precision", "gradient_accumulation", "clip_grad_norm", "seed",
-              "model", "train", "data", "optimizer", "lr_scheduler", "checkpoint", "log", "pipeline_schedule",
-              "activation_checkpoint"}
 ACTIVATION_CHECKPOINT = ("none", "block", "selective")  # meshpar.memory.checkpoint_activations policies
 
 
@@ -233,51 +231,72 @@ def _int(v: Any, key: str, minimum: int = 1) -> int:
     return v
 
 
+#: The keys of every section meshpar reads, nested. ``None`` marks a free-form section (the
+#: script's own: ``model``, ``data``, ``optimizer``, ``lr_scheduler``), only checked to be a dict.
+SCHEMA: dict[str, Any] = {
+    "parallel": {"data": {}, "pipeline": {}, "tensor": {"size": {}, "mode": {}, "depth": {}},
+                 "sequence": {"size": {}, "mode": {}}},
+    "zero": {"stage": {}, "options": {"bucket_mb": {}, "master_dtype": {}, "loss_scale": {}, "grad_reduce": {},
+                                      "prefetch": {}}},
+    "precision": {}, "gradient_accumulation": {}, "clip_grad_norm": {}, "seed": {}, "activation_checkpoint": {},
+    "pipeline_schedule": {"schedule": {}, "num_microbatches": {}, "chunks": {}, "partition": {}},
+    "train": {"batch_size": {}, "steps": {}, "epochs": {}, "warmup": {}, "eval_every": {}, "eval_batches": {},
+              "sample_tokens": {}, "progress": {}, "seq_len": {}},
+    "checkpoint": {"dir": {}, "every": {}, "resume": {}, "keep": {}, "export": {}},
+    "log": {"every": {}, "jsonl": {}, "tensorboard": {}},
+    "model": None, "data": None, "optimizer": None, "lr_scheduler": None,
+}
+KNOWN_KEYS = set(SCHEMA)
+PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved")
+
+
+def _check_keys(d: Mapping[str, Any], schema: Mapping[str, Any], where: str) -> None:
+    """Every key of ``d`` (recursively, where the value is a dict with a schema) is known."""
+    for k, v in d.items():
+        if k not in schema:
+            close = difflib.get_close_matches(str(k), [str(x) for x in schema], n=1, cutoff=0.5)
+            msg = f"unknown config key {where + str(k)!r}"
+            if close:
+                msg += f" (did you mean {where + close[0]!r}?)"
+            raise ConfigError(f"{msg}; known keys{' of ' + where[:-1] if where else ''}: {sorted(schema)}")
+        sub = schema[k]
+        if sub and isinstance(v, Mapping):
+            _check_keys(v, sub, f"{where}{k}.")
+
+
+def _section_dict(v: Any, key: str) -> dict[str, Any]:
+    if not isinstance(v, Mapping):
+        raise ConfigError(f"config key {key!r} must be a dict, got {type(v).__name__} ({v!r})")
+    return dict(v)
+
+
 def validate(raw: dict[str, Any], world_size: int | None = None, source: str = "<dict>") -> Config:
-    """Check every key, fill defaults, and derive the mesh. Raises :class:`ConfigError`."""
+    """Check every key (nested), fill defaults, and derive the mesh. Raises :class:`ConfigError`.
+
+    Runs before any process group exists: every unknown key (with the closest known one),
+    wrong type, and unsupported combination is reported here, with the fix.
+    """
     notes: list[str] = []
-    unknown = set(raw) - KNOWN_KEYS
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {sorted(unknown)} in {source}; known keys: {sorted(KNOWN_KEYS)}")
+    _check_keys(raw, SCHEMA, "")
     par = raw.setdefault("parallel", {})
-    if not isinstance(par, Mapping):
-        raise ConfigError(f"'parallel' must be a dict, got {type(par).__name__}")
-    par = dict(par)
-    bad = set(par) - {"data", "pipeline", "tensor", "sequence"}
-    if bad:
-        raise ConfigError(f"unknown key(s) {sorted(bad)} in 'parallel'; use data, pipeline, tensor, sequence")
+    if par is None:
+        par = {}
+    par = _section_dict(par, "parallel")
     pipeline = _int(par.get("pipeline", 1), "parallel.pipeline")
-    tensor = par.get("tensor", None)
-    if tensor is None:
-        tensor = {"size": 1, "mode": None}
-    elif isinstance(tensor, int):
-        tensor = {"size": tensor, "mode": "1d"}
-    tensor = dict(tensor)
-    t_size = _int(tensor.get("size", 1), "parallel.tensor.size")
-    t_mode = tensor.get("mode", "1d")
-    if t_mode in ("dense", "none"):
-        t_mode = None
-    if t_mode is not None:
-        t_mode = str(t_mode).lower()
-        if t_mode not in TENSOR_MODES:
-            raise ConfigError(f"parallel.tensor.mode must be one of {TENSOR_MODES} (or None), got {t_mode!r}")
-    if t_mode is None and t_size != 1:
-        raise ConfigError(f"parallel.tensor.size={t_size} needs a mode: one of {TENSOR_MODES}")
-    depth = _int(tensor.get("depth", 1), "parallel.tensor.depth")
-    if t_mode == "2.5d" and "depth" not in tensor:
-        raise ConfigError("parallel.tensor: 2.5D mode needs a depth, e.g. tensor=dict(size=8, mode='2.5d', depth=2)")
-    if t_mode is not None:
-        tensor_axis_sizes(t_mode, t_size, depth)
+    t_size, t_mode, depth = _tensor(par.get("tensor", None))
     seq = par.get("sequence", None)
     if seq is None:
         seq = {"size": 1, "mode": "ring"}
-    elif isinstance(seq, int):
+    elif isinstance(seq, int) and not isinstance(seq, bool):
         seq = {"size": seq, "mode": "ring"}
-    seq = dict(seq)
+    seq = _section_dict(seq, "parallel.sequence")
     s_size = _int(seq.get("size", 1), "parallel.sequence.size")
+    if "mode" in seq and "size" not in seq:
+        raise ConfigError(f"parallel.sequence.mode={seq['mode']!r} is set without parallel.sequence.size; "
+                          "add size=N (the ranks the sequence is split over), e.g. sequence=dict(size=2, mode='ring')")
     s_mode = str(seq.get("mode", "ring")).lower()
     if s_mode not in SEQUENCE_MODES:
-        raise ConfigError(f"parallel.sequence.mode must be one of {SEQUENCE_MODES}, got {s_mode!r}")
+        raise ConfigError(f"parallel.sequence.mode must be one of {SEQUENCE_MODES}, got {seq.get('mode')!r}")
     others = pipeline * t_size * s_size
     data = par.get("data", None)
     if data is None:
@@ -302,35 +321,139 @@ def validate(raw: dict[str, Any], world_size: int | None = None, source: str = "
                            sequence=dict(size=s_size, mode=s_mode))
 
     zero = raw.get("zero", None)
-    zero = {"stage": 0} if zero is None else ({"stage": zero} if isinstance(zero, int) else dict(zero))
-    stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    if zero is None:
+        zero = {"stage": 0}
+    elif isinstance(zero, int) and not isinstance(zero, bool):
+        zero = {"stage": zero}
+    zero = _section_dict(zero, "zero")
+    stage = zero.setdefault("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if "options" in zero:
+        _section_dict(zero["options"], "zero.options")
     raw["zero"] = zero
-    prec = str(raw.get("precision", "fp32")).lower()
-    prec = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}.get(prec, prec)
+    prec = raw.get("precision", "fp32")
+    if not isinstance(prec, str):
+        raise ConfigError(f"precision must be one of {PRECISIONS} (a string), got {prec!r}")
+    prec = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}.get(prec.lower(), prec.lower())
     if prec not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {raw.get('precision')!r}")
     raw["precision"] = prec
     raw["gradient_accumulation"] = _int(raw.get("gradient_accumulation", 1), "gradient_accumulation")
     clip = raw.get("clip_grad_norm", None)
-    if clip is not None and (not isinstance(clip, (int, float)) or clip <= 0):
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0):
         raise ConfigError(f"clip_grad_norm must be a positive number or None, got {clip!r}")
     raw["clip_grad_norm"] = clip
     raw["seed"] = _int(raw.get("seed", 1234), "seed", minimum=0)
     ac = str(raw.get("activation_checkpoint", "none")).lower()
     if ac not in ACTIVATION_CHECKPOINT:
-        raise ConfigError(f"activation_checkpoint must be one of {ACTIVATION_CHECKPOINT}, got {raw.get('activation_checkpoint')!r}")
+        raise ConfigError(f"activation_checkpoint must be one of {ACTIVATION_CHECKPOINT}, "
+                          f"got {raw.get('activation_checkpoint')!r}")
     raw["activation_checkpoint"] = ac
-    for sec in ("model", "train", "data", "optimizer", "lr_scheduler", "checkpoint", "log"):
+    for sec in ("model", "train", "data", "optimizer", "lr_scheduler", "checkpoint", "log", "pipeline_schedule"):
         v = raw.get(sec)
-        if v is not None and not isinstance(v, Mapping):
-            raise ConfigError(f"config key {sec!r} must be a dict, got {type(v).__name__}")
+        if v is not None:
+            _section_dict(v, sec)
+    _check_pipeline(raw, parallel)
+    _check_sections(raw)
     _check_batch(raw, parallel)
     cfg = Config(raw=raw, parallel=parallel, source=source, notes=notes)
     for n in notes:
         log.info(n)
     return cfg
+
+
+def _tensor(tensor: Any) -> tuple[int, str | None, int]:
+    """``(size, mode, depth)`` of ``parallel.tensor`` (None, an int = 1D, or a dict)."""
+    if tensor is None:
+        return 1, None, 1
+    if isinstance(tensor, int) and not isinstance(tensor, bool):
+        _int(tensor, "parallel.tensor")
+        return tensor, ("1d" if tensor > 1 else None), 1
+    tensor = _section_dict(tensor, "parallel.tensor")
+    if "size" not in tensor and tensor.get("mode") not in (None, "dense", "none"):
+        raise ConfigError(f"parallel.tensor.mode={tensor['mode']!r} is set without parallel.tensor.size, so there "
+                          f"would be no tensor parallelism; add size=N, e.g. tensor=dict(size=4, mode="
+                          f"{str(tensor['mode'])!r})")
+    t_size = _int(tensor.get("size", 1), "parallel.tensor.size")
+    t_mode = tensor.get("mode", "1d" if t_size > 1 else None)
+    if t_mode in ("dense", "none"):
+        t_mode = None
+    if t_mode is not None:
+        if not isinstance(t_mode, str) or t_mode.lower() not in TENSOR_MODES:
+            raise ConfigError(f"parallel.tensor.mode must be one of {TENSOR_MODES} (or None), got {t_mode!r}")
+        t_mode = t_mode.lower()
+    if t_mode is None and t_size != 1:
+        raise ConfigError(f"parallel.tensor.size={t_size} needs a mode: one of {TENSOR_MODES}")
+    if t_mode is not None and t_size == 1:
+        raise ConfigError(f"parallel.tensor.size=1 with mode={t_mode!r} gives no tensor parallelism; set size > 1 "
+                          f"(e.g. size=4 for '2d') or remove the tensor entry")
+    if tensor.get("depth", 1) != 1 and t_mode != "2.5d":
+        raise ConfigError(f"parallel.tensor.depth is only for mode '2.5d' (got mode {t_mode!r}); remove depth or "
+                          f"use mode='2.5d'")
+    depth = _int(tensor.get("depth", 1), "parallel.tensor.depth")
+    if t_mode == "2.5d" and "depth" not in tensor:
+        raise ConfigError("parallel.tensor: 2.5D mode needs a depth, e.g. tensor=dict(size=8, mode='2.5d', depth=2)")
+    if t_mode is not None:
+        tensor_axis_sizes(t_mode, t_size, depth)
+    return t_size, t_mode, depth
+
+
+def _check_pipeline(raw: dict[str, Any], parallel: Parallel) -> None:
+    """``pipeline_schedule`` values, and what does not combine with ``parallel.pipeline > 1``."""
+    opts = dict(raw.get("pipeline_schedule") or {})
+    sched = opts.get("schedule", "1f1b")
+    if sched not in PIPELINE_SCHEDULES:
+        close = difflib.get_close_matches(str(sched), PIPELINE_SCHEDULES, n=1, cutoff=0.5)
+        raise ConfigError(f"pipeline_schedule.schedule must be one of {PIPELINE_SCHEDULES}, got {sched!r}"
+                          + (f"; did you mean {close[0]!r}?" if close else ""))
+    chunks = _int(opts.get("chunks", 1), "pipeline_schedule.chunks")
+    m = _int(opts.get("num_microbatches", max(parallel.pipeline, 1)), "pipeline_schedule.num_microbatches")
+    part = opts.get("partition", "uniform")
+    if not (part in ("uniform", "parameters") or (isinstance(part, (list, tuple))
+                                                   and all(isinstance(i, int) and not isinstance(i, bool)
+                                                           for i in part))):
+        raise ConfigError(f"pipeline_schedule.partition must be 'uniform', 'parameters' or a list of cut indices, "
+                          f"got {part!r}")
+    if sched == "1f1b" and chunks != 1:
+        raise ConfigError(f"pipeline_schedule.chunks={chunks} with schedule '1f1b' (one chunk per rank); use "
+                          f"schedule='interleaved' for several chunks per rank, or chunks=1")
+    if sched == "interleaved":
+        if chunks < 2:
+            raise ConfigError("pipeline_schedule: schedule 'interleaved' needs chunks >= 2 virtual stages per rank "
+                              f"(got chunks={chunks}); set chunks=2, or use schedule='1f1b' with one chunk")
+        if m % max(parallel.pipeline, 1):
+            raise ConfigError(f"pipeline_schedule.num_microbatches={m} must be a multiple of parallel.pipeline="
+                              f"{parallel.pipeline} for schedule 'interleaved'")
+    if parallel.pipeline > 1:
+        if raw["zero"]["stage"] == 3:
+            raise ConfigError("zero.stage=3 does not combine with parallel.pipeline > 1 (stage 3 gathers parameters "
+                              "with module hooks); use zero.stage 0, 1 or 2, or no pipeline")
+        if raw["gradient_accumulation"] != 1:
+            raise ConfigError(f"gradient_accumulation={raw['gradient_accumulation']} does not combine with "
+                              f"parallel.pipeline > 1; set gradient_accumulation=1 and use "
+                              f"pipeline_schedule.num_microbatches instead (micro-batches are the pipeline's "
+                              f"accumulation)")
+
+
+def _check_sections(raw: dict[str, Any]) -> None:
+    """Types of the keys meshpar reads in ``train``, ``checkpoint`` and ``log``."""
+    train, ck, lg = (dict(raw.get(k) or {}) for k in ("train", "checkpoint", "log"))
+    for k in ("steps", "epochs", "eval_batches", "seq_len"):
+        if train.get(k) is not None:
+            _int(train[k], f"train.{k}")
+    for k in ("warmup", "eval_every", "sample_tokens"):
+        if train.get(k) is not None:
+            _int(train[k], f"train.{k}", minimum=0)
+    if ck.get("every") is not None:
+        _int(ck["every"], "checkpoint.every", minimum=0)
+    if ck.get("keep") is not None:
+        _int(ck["keep"], "checkpoint.keep")
+    for k in ("resume",):
+        if k in ck and not isinstance(ck[k], bool):
+            raise ConfigError(f"checkpoint.{k} must be True or False, got {ck[k]!r}")
+    if lg.get("every") is not None:
+        _int(lg["every"], "log.every")
 
 
 def _check_batch(raw: dict[str, Any], parallel: Parallel) -> None:

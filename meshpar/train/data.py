@@ -64,20 +64,42 @@ class ShardedSampler(Sampler[int]):
         self.start = int(state["consumed"])
 
 
-def get_dataloader(dataset: Dataset, batch_size: int, mesh: Mesh | None = None, *, shuffle: bool = True,
-                   seed: int = 0, num_workers: int = 0, axis: str = "data", **kw: Any) -> DataLoader:
+def get_dataloader(dataset: Dataset, batch_size: int | None = None, mesh: Mesh | None = None, *,
+                   shuffle: bool = True, seed: int | None = None, num_workers: int = 0, axis: str = "data",
+                   **kw: Any) -> DataLoader:
     """A DataLoader over this rank's share of ``dataset`` along the mesh ``axis``.
+
+    Each batch is **this data rank's own** batch (rows ``[r*b, (r+1)*b)`` of the global batch; see
+    :mod:`meshpar.train.batch`); the ranks of one data group get the same one. The engine places
+    it as ``from_local(x, P("data"))`` for sharded models.
 
     Args:
         batch_size: the **per data rank** batch (the global batch divided by the data size).
-        mesh: the job's mesh (``ctx.mesh``); None means one process.
-        shuffle, seed: the order is a function of (seed, epoch) only.
+            Default: the config's ``train.batch_size`` (global) divided by ``parallel.data``.
+        mesh: the job's mesh; default: the current context's (set by ``launch``), else one process.
+        shuffle, seed: the order is a function of (seed, epoch) only; ``seed`` defaults to the
+            context's config seed (0 without a context).
     The sampler is ``loader.sampler`` (a :class:`ShardedSampler`); call ``set_epoch`` each epoch.
     """
+    from .launch import _CURRENT
+
+    ctx = _CURRENT.get()
+    if mesh is None and ctx is not None:
+        mesh = ctx.mesh
+    if seed is None:
+        seed = ctx.config.seed if ctx is not None else 0
     if mesh is not None and axis in mesh.names:
         n, r = mesh.size(axis), mesh.coord(axis)
     else:
         n, r = 1, 0
+    if batch_size is None:
+        glob = (ctx.config.section("train").get("batch_size") if ctx is not None else None)
+        if glob is None:
+            raise ValueError("get_dataloader needs batch_size= (per data rank), or a config with train.batch_size "
+                             "(the global batch) set by launch(...)")
+        if glob % n:
+            raise ValueError(f"train.batch_size={glob} is not divisible by the {n} data ranks")
+        batch_size = glob // n
     sampler = ShardedSampler(dataset, n, r, shuffle=shuffle, seed=seed, batch_size=batch_size)
     # an own generator: creating an iterator must not draw from the global RNG (exact resume)
     kw.setdefault("generator", torch.Generator().manual_seed(seed))

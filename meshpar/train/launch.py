@@ -7,7 +7,9 @@ can live in one program.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import contextvars
 import datetime
 import hashlib
 import logging
@@ -82,6 +84,41 @@ class Context:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @contextlib.contextmanager
+    def use(self) -> Iterator["Context"]:
+        """Make this the current context for a block (restoring the previous one after)."""
+        token = _CURRENT.set(self)
+        try:
+            yield self
+        finally:
+            _CURRENT.reset(token)
+
+
+#: The context that ``launch``/``launch_from_torch``/``launch_from_slurm`` set for what follows in
+#: the process (a context variable, not a module global): ``get_dataloader`` and ``initialize``
+#: use it when no ``mesh=``/``ctx=`` is given.
+_CURRENT: contextvars.ContextVar[Context | None] = contextvars.ContextVar("meshpar_train_context", default=None)
+
+
+def current_context(ctx: Context | None = None, *, what: str = "this call") -> Context:
+    """``ctx`` when given, else the context set by the last ``launch`` in this process.
+
+    Raises:
+        RuntimeError: when neither exists.
+    """
+    if ctx is not None:
+        return ctx
+    cur = _CURRENT.get()
+    if cur is None:
+        raise RuntimeError(f"{what} needs a context: call meshpar.train.launch(config, rank, world_size, host, port) "
+                           f"or launch_from_torch(config) first, or pass ctx=/mesh= explicitly")
+    return cur
+
+
+def set_context(ctx: Context | None) -> contextvars.Token:
+    """Set the current context (what ``launch`` does); returns a token for ``_CURRENT.reset``."""
+    return _CURRENT.set(ctx)
+
 
 def default_backend() -> str:
     """``nccl`` when CUDA GPUs are visible, else ``gloo``."""
@@ -104,7 +141,11 @@ def launch(config: str | os.PathLike | Mapping[str, Any] | Config, rank: int, wo
            host: str = "127.0.0.1", port: int | str = 29500, backend: str | None = None, local_rank: int | None = None,
            timeout_s: float = 300.0, overrides: Mapping[str, Any] | None = None,
            init_method: str | None = None) -> Context:
-    """Initialize torch.distributed (unless it already is) and build the config's mesh.
+    """Initialize torch.distributed (unless it already is), build the config's mesh, and make the
+    returned :class:`Context` the current one for what follows in the process (so
+    ``get_dataloader(dataset, batch_size=...)`` and ``initialize(model, optimizer, criterion, dl)``
+    need no ``mesh=``/``ctx=``; explicit arguments still win). The mesh also becomes the default
+    mesh (as in ``with mesh:``), so layers such as :class:`meshpar.nn.Linear2D` find it.
 
     Args:
         config: path (.py/.toml), dict or Config.
@@ -127,6 +168,9 @@ def launch(config: str | os.PathLike | Mapping[str, Any] | Config, rank: int, wo
         local_rank = 0 if local_rank is None else local_rank
         device = torch.device("cpu")
     if not dist.is_initialized():
+        # the world this launch creates is torn down at exit (joins gloo/NCCL threads: no
+        # "terminate called without an active exception" when a script ends without destroying it)
+        atexit.register(_teardown)
         timeout = datetime.timedelta(seconds=timeout_s)
         if init_method == "env://":
             dist.init_process_group(backend, store=_elastic_store(host, int(port), rank, world_size, timeout),
@@ -143,8 +187,18 @@ def launch(config: str | os.PathLike | Mapping[str, Any] | Config, rank: int, wo
     logger.info(f"world {world_size} ({dist.get_backend()}), mesh {mesh}, precision {cfg.precision}, "
                 f"zero stage {cfg.zero_stage}")
     torch.manual_seed(_rank_seed(cfg.seed, rank))
-    return Context(mesh=mesh, config=cfg, rank=rank, world_size=world_size, local_rank=local_rank,
-                   device=device, logger=logger)
+    ctx = Context(mesh=mesh, config=cfg, rank=rank, world_size=world_size, local_rank=local_rank,
+                  device=device, logger=logger)
+    _CURRENT.set(ctx)
+    mesh.__enter__()  # the default mesh for what follows (as `with mesh:`), e.g. for meshpar.nn.Linear2D
+    return ctx
+
+
+def _teardown() -> None:
+    """Destroy the default process group at interpreter exit, if the script has not already."""
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 def _elastic_store(host: str, port: int, rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
@@ -205,4 +259,4 @@ def context_for(config: str | os.PathLike | Mapping[str, Any] | Config, mesh: Me
                    local_rank=device.index or 0, device=device, logger=make_logger(rank))
 
 
-__all__ = ["Context", "launch", "launch_from_torch", "launch_from_slurm", "context_for", "default_backend"]
+__all__ = ["Context", "current_context", "set_context", "launch", "launch_from_torch", "launch_from_slurm", "context_for", "default_backend"]

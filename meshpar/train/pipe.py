@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
+from ..sharding.tensor import ShardedTensor
+from .batch import place, place_batch
 from .config import ConfigError
 from .launch import Context
 
@@ -59,6 +61,21 @@ class PipelineSetup:
         return self.source
 
 
+def _placing(blocks: list[Any], criterion: Callable, ctx: Context) -> tuple[list[Any], Callable]:
+    """Place each micro-batch (first block's input) and its targets (criterion) as the data rank's block."""
+    mesh = ctx.mesh
+    first = blocks[0]
+    if isinstance(first, nn.Module):
+        # a hook, not a wrapper: the block keeps its parameter names
+        first.register_forward_pre_hook(lambda _m, args: place_batch(args, mesh), prepend=True)
+    else:
+        blocks = [lambda x, _f=first: _f(place(x, mesh))] + list(blocks[1:])
+
+    def crit(out: Any, y: Any) -> Any:
+        return criterion(out, place(y, mesh) if isinstance(out, ShardedTensor) else y)
+    return blocks, crit
+
+
 def split_blocks(model: Any) -> tuple[list[Any], dict[int, str] | None]:
     """``(blocks, names)``: the model's blocks and, for a ``pipeline_blocks()`` model, ``id(param) -> name``."""
     if callable(getattr(model, "pipeline_blocks", None)):
@@ -72,7 +89,11 @@ def split_blocks(model: Any) -> tuple[list[Any], dict[int, str] | None]:
 
 def build_pipeline(model: Any, criterion: Callable | None, ctx: Context) -> PipelineSetup:
     """A :class:`~meshpar.pipeline.Pipeline` over the config's ``pipe`` axis, with ``pipeline_schedule``
-    options. Gradients are left to the optimizer wrapper (``data_axes=None``; ZeRO's ``no_sync``)."""
+    options. Gradients are left to the optimizer wrapper (``data_axes=None``; ZeRO's ``no_sync``).
+
+    With ShardedTensor parameters, each micro-batch is placed as this data rank's block
+    (``from_local(x, P("data"))``, :mod:`meshpar.train.batch`) by a forward pre-hook on the first
+    block, and the targets likewise before the criterion."""
     from ..models.gpt import register_dotted
     from ..pipeline import Pipeline
     from ..pipeline.blocks import as_module
@@ -86,6 +107,8 @@ def build_pipeline(model: Any, criterion: Callable | None, ctx: Context) -> Pipe
         raise ConfigError("zero.stage=3 gathers parameters with module hooks and is not supported with "
                           "parallel.pipeline > 1; use zero.stage 0, 1 or 2")
     blocks, ids = split_blocks(model)
+    if any(isinstance(p, ShardedTensor) for b in blocks if isinstance(b, nn.Module) for p in b.parameters()):
+        blocks, criterion = _placing(blocks, criterion, ctx)
     opts = dict(ctx.config.get("pipeline_schedule") or {})
     opts.setdefault("schedule", "1f1b")
     pipe = Pipeline(blocks, ctx.mesh, criterion, schedule=opts.pop("schedule"),

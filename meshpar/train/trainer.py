@@ -17,6 +17,16 @@ from .engine import Engine
 from .hooks import Hook, LRSchedulerHook, MetricLoggerHook, ThroughputHook
 
 
+def _plain(loss: torch.Tensor) -> torch.Tensor:
+    """A detached plain scalar tensor of ``loss`` (its local value for a replicated ShardedTensor),
+    in the loss's dtype, at least float32 (bf16/fp16 losses are upcast)."""
+    loss = loss.detach()
+    loss = getattr(loss, "_local", loss)
+    if loss.dtype in (torch.bfloat16, torch.float16) or not loss.is_floating_point():
+        loss = loss.float()
+    return loss
+
+
 class Trainer:
     """Runs an :class:`~meshpar.train.engine.Engine` over a dataloader.
 
@@ -67,8 +77,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def _mean_over_data(self, v: torch.Tensor) -> float:
+        """The mean of ``v`` over the data ranks, computed in ``v``'s dtype (float64 stays float64)."""
         mesh = self.engine.mesh
-        v = v.detach().float().reshape(1)
+        v = _plain(v).reshape(1)
         return float(C.all_reduce(v, mesh, "data")[0]) / mesh.size("data")
 
     def fit(self, train_dataloader: Iterable, max_steps: int | None = None, epochs: int | None = None,
@@ -110,13 +121,14 @@ class Trainer:
 
     def _epoch(self, dl, max_steps, per_epoch, test_dl, eval_every, eval_batches) -> bool:
         eng = self.engine
-        acc_loss, tokens = torch.zeros(()), 0
+        acc_loss, tokens = None, 0
         for batch in dl:
             if per_epoch is not None and self.consumed >= per_epoch:
                 break  # a ragged tail shorter than one accumulation window
             eng.zero_grad()
             loss = self.step_fn(eng, batch)
-            acc_loss = acc_loss + loss.detach().float().cpu()
+            loss = _plain(loss)
+            acc_loss = loss if acc_loss is None else acc_loss + loss
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             tokens += x.numel() if isinstance(x, torch.Tensor) else 0
             self.consumed += 1
@@ -128,7 +140,7 @@ class Trainer:
                 raise FloatingPointError(f"loss is {mean} at step {self.step}")
             self.losses.append(mean)
             metrics: dict[str, Any] = {"loss": mean, "tokens": tokens * eng.mesh.size("data")}
-            acc_loss, tokens = torch.zeros(()), 0
+            acc_loss, tokens = None, 0
             self._call("after_step", metrics)
             if self._bar is not None:
                 self._bar.update(1)
@@ -145,14 +157,17 @@ class Trainer:
         eng = self.engine
         was_training = eng.model.training
         eng.eval()
-        total, n = torch.zeros(()), 0
+        total, n = None, 0
         for i, batch in enumerate(dl):
             if max_batches is not None and i >= max_batches:
                 break
-            total += eng.eval_batch(batch).float().cpu()
+            v = _plain(eng.eval_batch(batch))
+            total = v if total is None else total + v
             n += 1
         if was_training:
             eng.train()
-        mean = self._mean_over_data(total / max(n, 1))
+        if total is None:
+            raise ValueError("evaluate: the dataloader gave no batch")
+        mean = self._mean_over_data(total / n)
         self._call("after_eval", {"loss": mean})
         return mean
