@@ -98,34 +98,34 @@ def common_mesh(sts: Sequence[ShardedTensor]) -> Mesh:
 
 # ---------------------------------------------------------------------------- random stream
 def _mesh_rng(mesh: Mesh) -> list:
-    """The mesh's shared random stream ``[seed, counter]``: identical on every rank of the mesh.
+    """The mesh's shared random stream ``[seed, counter, follows]``: identical on every rank of the mesh.
 
-    Seeded by :func:`manual_seed`; otherwise on first use from rank 0's ``torch.initial_seed()``
-    (one broadcast over the whole mesh, the only collective the stream ever needs)."""
+    Seeded by :func:`manual_seed`; otherwise it follows ``torch.initial_seed()`` (equal on every rank
+    unless ranks were seeded differently: torch's default seed is fixed, and ``torch.manual_seed(s)``
+    on every rank restarts the stream). No collective is ever needed; ``meshpar.debug_checks()``
+    verifies that replicated random values agree."""
     st = getattr(mesh, "_rng_state", None)
-    if st is None:
-        seed = torch.tensor([torch.initial_seed() & ((1 << 62) - 1)], dtype=torch.int64)
-        if mesh.size(mesh.names) > 1:
-            seed = C.broadcast(seed, mesh, mesh.names, 0)
-        st = [int(seed.item()), 0]
+    init = torch.initial_seed()
+    if st is None or (st[2] and st[0] != init):
+        st = [init, 0, True]
         mesh._rng_state = st
     return st
 
 
 def manual_seed(seed: int, mesh: Mesh | None = None) -> None:
     """Seed the shared random stream of ``mesh`` (default: the current mesh). Call it on every rank
-    with the same ``seed``: random ops on ShardedTensors then draw the same global values as a dense
-    ``torch.manual_seed``-free stream would, for every layout."""
+    with the same ``seed``: random ops on ShardedTensors (``rand_like``, ``uniform_``, ``bernoulli``,
+    ``F.dropout``, ...) then draw the same global values on every rank, for every layout."""
     from ..mesh import current_mesh
     mesh = current_mesh(mesh)
-    mesh._rng_state = [int(seed), 0]
+    mesh._rng_state = [int(seed), 0, False]
 
 
 def next_seed(mesh: Mesh) -> int:
     """The seed of the next random op (the counter advances identically on every rank)."""
     st = _mesh_rng(mesh)
     st[1] += 1
-    return (st[0] * 1_000_003 + st[1]) & ((1 << 62) - 1)
+    return (st[0] * 1_000_003 + st[1] * 7_919) & ((1 << 62) - 1)
 
 
 @contextlib.contextmanager
