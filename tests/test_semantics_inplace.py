@@ -227,3 +227,20 @@ def _as_block_case(mesh):
 
 def test_checkpoint_blocks_are_values(pool):
     assert max(pool.run(_as_block_case, (2,), ("x",))) < 1e-9
+
+
+def _grad_layout_case(mesh):
+    """A leaf used by ops that go through the exact aten fallback still gets .grad in its own layout."""
+    X = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    x_d = X.clone().requires_grad_()
+    (x_d.cumsum(0) * C84).sum().backward()
+    x = mp.shard(X.clone(), P("x"), mesh).requires_grad_()
+    p = torch.nn.Parameter(mp.shard(X.clone(), P(None, "y" if "y" in mesh.names else "x"), mesh))
+    (x.cumsum(0) * C84).sum().backward()
+    (p.flip(0) * C84).sum().backward()
+    return (x.grad.spec == x.spec, p.grad.spec == p.spec, float((mp.unshard(x.grad) - x_d.grad).abs().max()))
+
+
+def test_leaf_grads_keep_the_leaf_layout(pool):
+    for same_x, same_p, err in pool.run(_grad_layout_case, (2, 2), ("x", "y")):
+        assert same_x and same_p and err < 1e-9

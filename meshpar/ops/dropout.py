@@ -12,8 +12,8 @@ The hash is murmur3's 32-bit finaliser applied coordinate by coordinate, compute
 with no overflow (32x32-bit products are split into 16-bit halves).
 
 ``F.dropout`` on a ShardedTensor is routed here too (registered with the dispatcher); with no
-explicit seed it draws one from the mesh's shared random stream (``meshpar.manual_seed``; by
-default it follows ``torch.initial_seed()``), identical on every rank. Prefer :func:`dropout`
+explicit seed it draws one from the mesh's shared random stream (after ``meshpar.manual_seed``)
+or else from torch's default generator (so ranks must then be seeded alike). Prefer :func:`dropout`
 with an explicit ``seed`` for reproducible masks.
 """
 from __future__ import annotations

@@ -212,6 +212,30 @@ def _unary(func, args, kwargs):
     return elementwise(func, args, kwargs, linear=linear)
 
 
+def keep_grad_layout(leaf: ShardedTensor) -> None:
+    """Give a leaf's gradient the leaf's layout (fully reduced) before it is accumulated into ``.grad``.
+
+    Gradients that come through the exact aten fallback may arrive replicated (``P()``) or in
+    another layout; optimizers and ZeRO read ``.grad``'s block as the parameter's block, so it is
+    resharded here (a free slice from ``P()``). Registered once per leaf."""
+    if getattr(leaf, "_meshpar_grad_hook", False):
+        return
+    spec, mesh, shape = leaf.spec.reduced(), leaf.mesh, leaf._gshape
+    defer = tuple(getattr(leaf, "_meshpar_defer_reduce", ()) or ())
+
+    def hook(g):
+        if isinstance(g, ShardedTensor):
+            if g.spec == spec or (defer and g.spec.reduced() == spec and set(g.spec.unreduced) <= set(defer)):
+                return g
+            from ..sharding.generic import block_as
+            with torch.no_grad():
+                return ShardedTensor(block_as(g, spec, "gradient"), spec, mesh, shape)
+        from ..sharding.layout import take_block
+        return ShardedTensor(take_block(g, spec, mesh).contiguous(), spec, mesh, shape)
+    leaf.register_hook(hook)
+    leaf._meshpar_grad_hook = True
+
+
 _SCALE_INPLACE = frozenset({T.mul_, T.div_, T.__imul__, T.__itruediv__})
 _ADD_INPLACE = frozenset({T.add_, T.sub_, T.__iadd__, T.__isub__})
 
@@ -238,7 +262,10 @@ def _inplace(func, args, kwargs):
     target = args[0]
     if func is T.requires_grad_:
         with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+        if isinstance(target, ShardedTensor) and target.requires_grad and target.is_leaf:
+            keep_grad_layout(target)
+        return out
     if not isinstance(target, ShardedTensor):
         return NotImplemented
     if torch.is_grad_enabled() and (target.requires_grad or any(
