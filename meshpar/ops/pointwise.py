@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..errors import ShardingError
 import functools
+import weakref
 
 from ..sharding.core import apply_plan, local_in, meta, operand_plan, reduce_unreduced, wrap
 from ..sharding.dispatch import FAST, register, signature
@@ -221,9 +222,11 @@ def keep_grad_layout(leaf: ShardedTensor) -> None:
     if getattr(leaf, "_meshpar_grad_hook", False):
         return
     spec, mesh, shape = leaf.spec.reduced(), leaf.mesh, leaf._gshape
-    defer = tuple(getattr(leaf, "_meshpar_defer_reduce", ()) or ())
+    ref = weakref.ref(leaf)
 
     def hook(g):
+        lf = ref()
+        defer = tuple(getattr(lf, "_meshpar_defer_reduce", ()) or ()) if lf is not None else ()
         if isinstance(g, ShardedTensor):
             if g.spec == spec or (defer and g.spec.reduced() == spec and set(g.spec.unreduced) <= set(defer)):
                 return g

@@ -114,7 +114,7 @@ def handle_torch_function(func: Callable, args: tuple, kwargs: dict):
     ``ShardedTensor.__torch_function__``.
     """
     rules = REGISTRY.rules_for(func)
-    utok = USER_OP.set(_user_name(func))
+    utok = USER_OP.set(func)
     try:
         if rules:
             tok = _OP.set(getattr(func, "__name__", "op"))
@@ -133,20 +133,6 @@ def handle_torch_function(func: Callable, args: tuple, kwargs: dict):
         return _via_aten(func, args, kwargs, None)
     finally:
         USER_OP.reset(utok)
-
-
-def _user_name(func) -> str:
-    """The op as the user wrote it: ``torch.cumsum``, ``Tensor.add_``, ``F.pad``."""
-    name = getattr(func, "__name__", None) or repr(func)
-    mod = getattr(func, "__module__", None) or ""
-    qual = getattr(func, "__qualname__", "") or ""
-    if mod.startswith("torch.nn.functional"):
-        return f"F.{name}"
-    if qual.startswith(("Tensor.", "TensorBase.", "_TensorBase.")) or "Tensor" in qual.split(".")[0]:
-        return f"Tensor.{name}"
-    if mod == "torch" or mod.startswith("torch._C") or mod.startswith("torch.functional"):
-        return f"torch.{name}"
-    return name
 
 
 def _via_aten(func, args, kwargs, refusal: ShardingError | None):
