@@ -253,7 +253,7 @@ class ShardedTensor(torch.Tensor):
     __slots__ = ("_local", "spec", "mesh", "_gshape", "_lay")
     # autograd helpers of meshpar.sharding.core.enter (instance values only where set)
     _lg = None    # the graph-connected block of an op result (wrap)
-    _lgv = -1     # _local's version when _lg was recorded
+    _lgv = None   # the wrapper's grad_fn when _lg was recorded
     _ent = None   # a leaf's entered block: (key, tensor)
 
     @staticmethod
