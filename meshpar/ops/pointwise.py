@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from ..errors import ShardingError
 import functools
-import weakref
 
 from ..sharding.core import apply_plan, local_in, meta, operand_plan, reduce_unreduced, wrap
 from ..sharding.dispatch import FAST, register, signature
@@ -222,11 +221,10 @@ def keep_grad_layout(leaf: ShardedTensor) -> None:
     if getattr(leaf, "_meshpar_grad_hook", False):
         return
     spec, mesh, shape = leaf.spec.reduced(), leaf.mesh, leaf._gshape
-    ref = weakref.ref(leaf)
+    holder = [leaf]  # a strong reference: weak references would block nn.Module._apply's tensor swap
 
     def hook(g):
-        lf = ref()
-        defer = tuple(getattr(lf, "_meshpar_defer_reduce", ()) or ()) if lf is not None else ()
+        defer = tuple(getattr(holder[0], "_meshpar_defer_reduce", ()) or ())
         if isinstance(g, ShardedTensor):
             if g.spec == spec or (defer and g.spec.reduced() == spec and set(g.spec.unreduced) <= set(defer)):
                 return g

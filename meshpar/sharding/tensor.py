@@ -289,6 +289,17 @@ class ShardedTensor(torch.Tensor):
         from .fallback import handle_dispatch
         return handle_dispatch(func, args, kwargs or {})
 
+    # traceable wrapper subclass protocol: nn.Module._apply (``.to``, ``.double()``, ``.cuda()``) swaps
+    # ShardedTensor parameters for their converted copies instead of ``.data =`` (which would keep the
+    # old block); torch.compile uses the same protocol.
+    def __tensor_flatten__(self):
+        return ["_local"], (self.spec, self.mesh, tuple(self._gshape))
+
+    @staticmethod
+    def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
+        spec, mesh, shape = ctx
+        return ShardedTensor(inner["_local"], spec, mesh, shape)
+
     @property
     def local(self) -> torch.Tensor:
         """This rank's block as a plain tensor, connected to autograd."""
