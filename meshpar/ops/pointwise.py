@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from ..errors import ShardingError
 import functools
 
-from ..sharding.core import apply_plan, local_in, meta, operand_plan, reduce_unreduced, wrap
-from ..sharding.dispatch import FAST, register, signature
+from ..sharding.core import _Wrap, apply_plan, local_in, meta, operand_plan, reduce_unreduced, wrap
+from ..sharding.dispatch import FAST, FAST_GRAD, register, signature
 from ..sharding.semantics import desc, float_cast, keep_partial
 from ..sharding.spec import P, base_axis
 from ..sharding.tensor import ShardedTensor, blockwise_exec, layout, new_sharded
@@ -146,6 +146,24 @@ def blockwise_executor(func, plans, out_spec: P, out_shape, mesh):
     return run
 
 
+def grad_executor(func, plans, out_spec: P, out_shape, mesh):
+    """The grad-mode executor of a planned blockwise call (no keywords, no reduction): operands enter
+    autograd per their plans (free slices, gradient sums over broadcast axes), ``func`` runs on the
+    blocks, and the result is wrapped with one autograd node (none when nothing requires grad)."""
+    lay = layout(out_spec, out_shape, mesh)
+    spec, shape = lay.spec, lay.shape
+
+    def run(args, kw):
+        out = func(*[a if p is None else apply_plan(a, p, mesh) for a, p in zip(args, plans)])
+        if out.requires_grad and torch.is_grad_enabled():
+            w = _Wrap.apply(out, spec, mesh, shape)
+            w._lg = out
+            w._lgv = w.grad_fn
+            return w
+        return new_sharded(out, lay)
+    return run
+
+
 def elementwise(func, args: tuple, kwargs: dict, *, linear: str = "no"):
     """Run ``func`` blockwise. ``linear`` (the linearity table's kind, see :mod:`meshpar.sharding.semantics`):
     "add" (sum of operands), "scale" (linear in one operand), "linear" (one operand), "no"."""
@@ -156,8 +174,11 @@ def elementwise(func, args: tuple, kwargs: dict, *, linear: str = "no"):
     values = tuple(d for d in map(desc, args) if d is not None) + tuple(
         desc(v) for v in kwargs.values() if isinstance(v, torch.Tensor))
     reduce, out_spec, out_shape, plans = _plan(func, metas, linear, values)
-    if not torch.is_grad_enabled() and not any(reduce) and not kwargs:
-        FAST.remember(signature(func, args, kwargs), blockwise_executor(func, plans, out_spec, out_shape, mesh))
+    if not any(reduce) and not kwargs:
+        if not torch.is_grad_enabled():
+            FAST.remember(signature(func, args, kwargs), blockwise_executor(func, plans, out_spec, out_shape, mesh))
+        else:
+            FAST_GRAD.remember(signature(func, args, kwargs), grad_executor(func, plans, out_spec, out_shape, mesh))
     locs = []
     for v, r, p in zip(vals, reduce, plans):
         if r:

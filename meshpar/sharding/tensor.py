@@ -100,6 +100,8 @@ def new_sharded(local: torch.Tensor, lay: Layout) -> "ShardedTensor":
 # :func:`fast_key`. Pure memoisation: an entry is a function of its key only. Owned (and bounded)
 # by :class:`meshpar.sharding.dispatch.FastPaths`; defined here so the hot path needs no import.
 _FAST: dict = {}
+# the same for grad mode: executors that enter/wrap through autograd (one node per op at most)
+_FAST_GRAD: dict = {}
 _SCALARS = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
                       torch.layout})
 _INT_SEQS = frozenset({tuple, list, torch.Size})
@@ -275,13 +277,12 @@ class ShardedTensor(torch.Tensor):
         if func in _GETTERS:  # autograd bookkeeping attributes: no layout involved
             with _DisableTF():
                 return func(*args)
-        if not _grad_enabled():
-            # fast path: a memoised executor for exactly this (op, layouts, arguments)
-            key = fast_key(func, args, kwargs)
-            if key is not None:
-                ex = _FAST.get(key)
-                if ex is not None:
-                    return ex(args, kwargs)
+        # fast path: a memoised executor for exactly this (op, layouts, arguments), one table per grad mode
+        key = fast_key(func, args, kwargs)
+        if key is not None:
+            ex = (_FAST if not _grad_enabled() else _FAST_GRAD).get(key)
+            if ex is not None:
+                return ex(args, kwargs)
         return _HANDLER[0](func, args, kwargs or {})
 
     @classmethod
