@@ -146,6 +146,23 @@ def blockwise_executor(func, plans, out_spec: P, out_shape, mesh):
     return run
 
 
+def _same_layout(metas) -> bool:
+    """Every tensor operand a ShardedTensor of one spec and one global shape (scalars aside)."""
+    ts = [m for m in metas if m is not None]
+    return bool(ts) and all(m[0] == "S" and m[1] == ts[0][1] and m[2] == ts[0][2] for m in ts)
+
+
+# calls that keep their __torch_function__ rule under autograd (their aten forms differ in semantics or cost)
+_RULE_ONLY = frozenset({T.detach, torch.detach, T.cpu, T.cuda, T.to, T.type, T.pin_memory})
+
+
+def _via_aten_exec(func):
+    def run(args, kw):
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kw) if kw else func(*args)
+    return run
+
+
 def grad_executor(func, plans, out_spec: P, out_shape, mesh):
     """The grad-mode executor of a planned blockwise call (no keywords, no reduction): operands enter
     autograd per their plans (free slices, gradient sums over broadcast axes), ``func`` runs on the
@@ -177,6 +194,12 @@ def elementwise(func, args: tuple, kwargs: dict, *, linear: str = "no"):
     if not any(reduce) and not kwargs:
         if not torch.is_grad_enabled():
             FAST.remember(signature(func, args, kwargs), blockwise_executor(func, plans, out_spec, out_shape, mesh))
+        elif _same_layout(metas) and func not in _RULE_ONLY:
+            # same layout, no broadcasting: the op runs below autograd (a C++ autograd node, the blocks
+            # through __torch_dispatch__), as do its backward's pointwise ops
+            ex = _via_aten_exec(func)
+            FAST_GRAD.remember(signature(func, args, kwargs), ex)
+            return ex(args, kwargs)
         else:
             FAST_GRAD.remember(signature(func, args, kwargs), grad_executor(func, plans, out_spec, out_shape, mesh))
     locs = []

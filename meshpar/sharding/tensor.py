@@ -102,6 +102,8 @@ def new_sharded(local: torch.Tensor, lay: Layout) -> "ShardedTensor":
 _FAST: dict = {}
 # the same for grad mode: executors that enter/wrap through autograd (one node per op at most)
 _FAST_GRAD: dict = {}
+# the same below autograd (__torch_dispatch__): aten calls whose blocks need no moves
+_FAST_ATEN: dict = {}
 _SCALARS = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
                       torch.layout})
 _INT_SEQS = frozenset({tuple, list, torch.Size})
@@ -287,6 +289,11 @@ class ShardedTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        key = fast_key(func, args, kwargs)
+        if key is not None:
+            ex = _FAST_ATEN.get(key)
+            if ex is not None:
+                return ex(args, kwargs)
         from .fallback import handle_dispatch
         return handle_dispatch(func, args, kwargs or {})
 
