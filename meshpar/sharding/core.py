@@ -75,7 +75,7 @@ def enter(x: ShardedTensor, vary: Iterable[str] = ()) -> torch.Tensor:
     (``_lg``), which the next op uses directly (no node) while the wrapper's ``grad_fn`` is still the
     one ``wrap`` made (an in-place op replaces it), its storage is the same, and nobody
     watches the wrapper's own gradient (hooks, ``retain_grad``); a leaf keeps its entered block per
-    ``vary`` (the node saves no tensors, so it serves every forward) while its storage is unchanged.
+    ``vary`` (the node saves no tensors, so it serves every forward) until its block is updated in place.
     """
     if not torch.is_grad_enabled() or not x.requires_grad:
         return x._local
@@ -90,7 +90,8 @@ def enter(x: ShardedTensor, vary: Iterable[str] = ()) -> torch.Tensor:
     if x.grad_fn is None:  # a leaf
         ent = x._ent
         defer = getattr(x, "_meshpar_defer_reduce", ())
-        key = (vary, tuple(defer or ()), loc.data_ptr(), loc.numel(), loc.dtype, loc.device)
+        # the entered block is a view of ``_local``: an in-place update (an optimizer step) invalidates it
+        key = (vary, tuple(defer or ()), loc.data_ptr(), loc._version, loc.numel(), loc.dtype, loc.device)
         if ent is not None and ent[0] == key:
             return ent[1]
         with torch._C.DisableTorchFunctionSubclass():
