@@ -51,7 +51,8 @@ from .mesh import Mesh
 from .nn.functional import constrain
 from .sharding.api import from_local, shard, unshard
 from .sharding.layout import block_slices, validate
-from .sharding.spec import P, base_axis
+from .models.plans import place_batch
+from .sharding.spec import P
 from .sharding.tensor import ShardedTensor
 
 __all__ = ["parallelize", "constrain", "Style", "Layouts", "STYLES", "resolve_plan", "place_batch",
@@ -227,30 +228,6 @@ def _examples(names: Iterable[str], k: int = 6) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def place_batch(x: torch.Tensor, spec: P, mesh: Mesh, data_axes: Sequence[str]) -> torch.Tensor:
-    """Lay out a data rank's *local* batch ``x`` as ``spec`` (the batch contract).
-
-    ``x`` is this data rank's block of the global batch (same on the ranks of one data replica):
-    it is viewed with :func:`~meshpar.from_local` over ``spec``'s data axes only, then sliced to
-    ``spec`` (no communication). A ShardedTensor is resharded to ``spec`` (a no-op when it matches).
-    """
-    if isinstance(x, ShardedTensor):
-        return constrain(x, spec)
-    data = set(data_axes)
-    kept = []
-    for d in range(len(spec)):
-        axes = spec.axes_of(d)
-        mine = tuple(a for a in axes if base_axis(a) in data)
-        if mine and axes[:len(mine)] != mine:
-            raise ShardingError(f"input spec {spec}: the data axes {mine} must lead dim {d}'s axes {axes} "
-                                "(a local batch is one contiguous block per data rank)")
-        kept.append(mine if mine else None)
-    local_spec = P(*kept)
-    if not local_spec.sharded_axes():
-        return shard(x, spec, mesh)
-    return constrain(from_local(x, local_spec, mesh), spec)
-
-
 def _place(x, spec, mesh, data_axes, root: bool):
     if spec is None or not isinstance(x, torch.Tensor):
         return x

@@ -50,14 +50,14 @@ every rank; ``shard``/``unshard`` permute, so tokens, targets and logits stay in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
 from ..errors import ShardingError
 from ..mesh import Mesh
-from ..sharding.api import shard
-from ..sharding.spec import P, Zigzag
+from ..sharding.api import from_local, reshard, shard
+from ..sharding.spec import P, Zigzag, base_axis
 from ..sharding.tensor import ShardedTensor
 
 MODES = ("dense", "1d", "2d", "2.5d", "3d", "sp", "1d+sp")
@@ -115,7 +115,8 @@ class Plan:
         return None if self.dense else self.roles[param_role(name)]
 
     def place(self, x: torch.Tensor, act: str) -> torch.Tensor:
-        """Lay out a global (replicated) activation/input ``x`` as ``act`` (a free local slice).
+        """Lay out an input ``x`` as ``act`` (a free local slice): ``x`` is this data rank's *local*
+        batch (the batch contract, :func:`place_batch`); a ShardedTensor is taken as is.
 
         With a split sequence, ``x``'s dim 1 must divide into :attr:`seq_multiple` blocks (in the
         balanced layout each rank keeps its two zigzag chunks; ``x`` is in natural order).
@@ -129,7 +130,32 @@ class Plan:
                 raise ShardingError(f"sequence length {T} (dim 1 of {act}) is not divisible by {how} over mesh "
                                     f"axes {self.seq_axes}; use a sequence length that is a multiple of "
                                     f"{self.seq_multiple}")
-        return shard(x, self.act[act], self.mesh)
+        return place_batch(x, self.act[act], self.mesh, ("data",))
+
+
+def place_batch(x: torch.Tensor, spec: P, mesh: Mesh, data_axes: Sequence[str]) -> torch.Tensor:
+    """Lay out a data rank's *local* batch ``x`` as ``spec`` (the batch contract).
+
+    ``x`` is this data rank's block of the global batch (same on the ranks of one data replica):
+    it is viewed with :func:`~meshpar.from_local` over ``spec``'s data axes only, then sliced to
+    ``spec`` (no communication). A ShardedTensor is resharded to ``spec`` (a no-op when it matches).
+    """
+    if isinstance(x, ShardedTensor):
+        return reshard(x, spec) if x.spec != spec else x
+    data = set(data_axes)
+    kept = []
+    for d in range(len(spec)):
+        axes = spec.axes_of(d)
+        mine = tuple(a for a in axes if base_axis(a) in data)
+        if mine and axes[:len(mine)] != mine:
+            raise ShardingError(f"input spec {spec}: the data axes {mine} must lead dim {d}'s axes {axes} "
+                                "(a local batch is one contiguous block per data rank)")
+        kept.append(mine if mine else None)
+    local_spec = P(*kept)
+    if not local_spec.sharded_axes():
+        return shard(x, spec, mesh)
+    y = from_local(x, local_spec, mesh)
+    return reshard(y, spec) if y.spec != spec else y
 
 
 def param_role(name: str) -> str:
