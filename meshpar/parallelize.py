@@ -40,7 +40,6 @@ before any parameter is converted, and no conversion communicates.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -51,43 +50,15 @@ from .mesh import Mesh
 from .nn.functional import constrain
 from .sharding.api import from_local, shard, unshard
 from .sharding.layout import block_slices, validate
-from .models.plans import place_batch
+from .models.plans import STYLES, Layouts, Style, place_batch
 from .sharding.spec import P
 from .sharding.tensor import ShardedTensor
 
 __all__ = ["parallelize", "constrain", "Style", "Layouts", "STYLES", "resolve_plan", "place_batch",
            "load_dense", "dense_state_dict", "save_dense"]
 
-STYLES = ("colwise", "rowwise", "summa", "tesseract", "cube", "vocab", "replicate")
-_N_AXES = {"colwise": 1, "rowwise": 1, "vocab": 1, "summa": 2, "tesseract": 3, "cube": 3, "replicate": 0}
 DEFER_ATTR = "_meshpar_defer_reduce"
-
-
-@dataclass(frozen=True)
-class Style:
-    """A named layout style over explicit mesh axes (``None``: the mesh's model axes)."""
-    name: str
-    axes: tuple[str, ...] | None = None
-
-    def __post_init__(self):
-        if self.name not in STYLES:
-            raise ShardingError(f"unknown style {self.name!r}; choose one of {STYLES} or give a P(...)")
-
-
-@dataclass(frozen=True)
-class Layouts:
-    """Activation layouts at a module boundary.
-
-    Attributes:
-        inputs: a spec per positional tensor argument (one ``P`` = the first argument; ``None`` entries
-            leave an argument alone), applied before ``forward``.
-        kwargs: specs for keyword tensor arguments, by name.
-        output: the spec of a tensor output, a tuple of specs for a tuple output, or a mapping
-            ``{key: spec}`` for a dict-like output (e.g. ``{"logits": P(...)}``).
-    """
-    inputs: Any = None
-    kwargs: Mapping[str, P] = field(default_factory=dict)
-    output: Any = None
+_N_AXES = {"colwise": 1, "rowwise": 1, "vocab": 1, "summa": 2, "tesseract": 3, "cube": 3, "replicate": 0}
 
 
 # ---------------------------------------------------------------------------------------------- styles
