@@ -177,7 +177,7 @@ def resolve_plan(module: nn.Module, mesh: Mesh, plan: Mapping[str, Any], *, data
         hit = [n for n in params if fnmatch.fnmatchcase(n, key) or fnmatch.fnmatchcase(n.rpartition(".")[0], key)]
         if not hit:
             raise ShardingError(f"plan key {key!r} matches no parameter (nor a module with parameters); "
-                                f"parameters are e.g. {_examples(params)}")
+                                f"the closest parameters: {_examples(params, near=key)}")
         for n in hit:
             if n in specs:
                 continue  # an earlier key wins
@@ -193,9 +193,12 @@ def resolve_plan(module: nn.Module, mesh: Mesh, plan: Mapping[str, Any], *, data
     return specs, layouts
 
 
-def _examples(names: Iterable[str], k: int = 6) -> str:
-    names = [n for n in names if n][:k]
-    return ", ".join(repr(n) for n in names) or "(none)"
+def _examples(names: Iterable[str], k: int = 6, near: str = "") -> str:
+    """Up to ``k`` names, the closest to ``near`` first."""
+    import difflib
+    names = [n for n in names if n]
+    close = difflib.get_close_matches(near, names, n=k, cutoff=0.0) if near else names[:k]
+    return ", ".join(repr(n) for n in close) or "(none)"
 
 
 # ---------------------------------------------------------------------------------------------- inputs
