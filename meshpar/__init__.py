@@ -7,10 +7,13 @@ from .errors import ShardingError, CollectiveTimeout
 from .mesh import Mesh, CommCounter, current_mesh
 from . import mesh
 from .sharding import P, Zigzag, ShardedTensor, shard, from_local, unshard, reshard, shard_map
+from .sharding.semantics import strict, debug_checks
+from .sharding.generic import manual_seed
 from . import ops  # registers the op rules
 
 __all__ = ["ShardingError", "CollectiveTimeout", "Mesh", "CommCounter", "current_mesh", "mesh",
-           "P", "Zigzag", "ShardedTensor", "shard", "from_local", "unshard", "reshard", "shard_map", "ops"]
+           "P", "Zigzag", "ShardedTensor", "shard", "from_local", "unshard", "reshard", "shard_map", "ops",
+           "strict", "debug_checks", "manual_seed"]
 
 
 def __getattr__(name):

@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ..mesh import Mesh, collectives as C
+from .semantics import check_output, implicit
 from .spec import P, base_axis, is_zigzag
 from .tensor import ShardedTensor
 
@@ -68,18 +69,46 @@ def grad_block(g, spec: P, mesh: Mesh, shape) -> torch.Tensor:
 
 
 def enter(x: ShardedTensor, vary: Iterable[str] = ()) -> torch.Tensor:
-    """``x``'s block as a plain tensor in the autograd graph; backward sums its gradient over ``vary``."""
+    """``x``'s block as a plain tensor in the autograd graph; backward sums its gradient over ``vary``.
+
+    At most one autograd node per op: a result of :func:`wrap` keeps its graph-connected block
+    (``_lg``), which the next op uses directly (no node) while the block is unchanged and nobody
+    watches the wrapper's own gradient (hooks, ``retain_grad``); a leaf keeps its entered block per
+    ``vary`` (the node saves no tensors, so it serves every forward) while its storage is unchanged.
+    """
     if not torch.is_grad_enabled() or not x.requires_grad:
         return x._local
-    vary = tuple(a for a in vary if x.mesh.size(a) > 1)
-    return _Enter.apply(x, vary)
+    mesh = x.mesh
+    vary = tuple(a for a in vary if mesh.size(a) > 1)
+    loc = x._local
+    if not vary:
+        lg = x._lg
+        if lg is not None and loc._version == x._lgv and loc.data_ptr() == lg.data_ptr() \
+                and not x._backward_hooks and not x.retains_grad:
+            return lg
+    if x.grad_fn is None:  # a leaf
+        ent = x._ent
+        defer = getattr(x, "_meshpar_defer_reduce", ())
+        key = (vary, tuple(defer or ()), loc.data_ptr(), loc.numel(), loc.dtype, loc.device)
+        if ent is not None and ent[0] == key:
+            return ent[1]
+        with torch._C.DisableTorchFunctionSubclass():
+            out = _Enter.apply(x, vary)
+        x._ent = (key, out)
+        return out
+    with torch._C.DisableTorchFunctionSubclass():
+        return _Enter.apply(x, vary)
 
 
 def wrap(local: torch.Tensor, spec: P, mesh: Mesh, shape: Sequence[int]) -> ShardedTensor:
     """A ShardedTensor around ``local`` (this rank's block), connected to ``local``'s autograd graph."""
     shape = tuple(int(s) for s in shape)
+    check_output(local, spec, mesh, shape)
     if torch.is_grad_enabled() and local.requires_grad:
-        return _Wrap.apply(local, spec, mesh, shape)
+        out = _Wrap.apply(local, spec, mesh, shape)
+        out._lg = local
+        out._lgv = out._local._version
+        return out
     return ShardedTensor(local, spec, mesh, shape)
 
 
@@ -114,6 +143,7 @@ def reduce_unreduced(x: ShardedTensor) -> ShardedTensor:
     """Sum an unreduced (partial) tensor over its unreduced axes: the lazy reduction happens here."""
     if not x.spec.unreduced:
         return x
+    implicit("reduce", f"sum the partial sum {x.spec} over {x.spec.unreduced}", x.mesh)
     from ..mesh.autograd import psum
     local = psum(enter(x), x.mesh, x.spec.unreduced)
     return wrap(local, x.spec.reduced(), x.mesh, x._gshape)

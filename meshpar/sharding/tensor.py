@@ -251,6 +251,10 @@ class ShardedTensor(torch.Tensor):
 
     # slots: attribute stores and loads on the hot path cost a third of instance-dict ones
     __slots__ = ("_local", "spec", "mesh", "_gshape", "_lay")
+    # autograd helpers of meshpar.sharding.core.enter (instance values only where set)
+    _lg = None    # the graph-connected block of an op result (wrap)
+    _lgv = -1     # _local's version when _lg was recorded
+    _ent = None   # a leaf's entered block: (key, tensor)
 
     @staticmethod
     def __new__(cls, local: torch.Tensor, spec: P, mesh: Mesh, shape: Sequence[int], requires_grad: bool = False):
@@ -268,6 +272,9 @@ class ShardedTensor(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in _GETTERS:  # autograd bookkeeping attributes: no layout involved
+            with _DisableTF():
+                return func(*args)
         if not _grad_enabled():
             # fast path: a memoised executor for exactly this (op, layouts, arguments)
             key = fast_key(func, args, kwargs)
@@ -296,6 +303,13 @@ class ShardedTensor(torch.Tensor):
         return (f"ShardedTensor(shape={tuple(self._gshape)}, spec={self.spec}, mesh={self.mesh}, "
                 f"dtype={self.dtype}{grad}, local={self._local!r})")
 
+
+_T = torch.Tensor
+# attribute getters that only read autograd/dtype bookkeeping of the wrapper
+_GETTERS = frozenset(getattr(_T, n).__get__ for n in (
+    "requires_grad", "grad_fn", "is_leaf", "retains_grad", "_backward_hooks", "grad", "dtype", "device",
+    "_version", "is_cuda", "layout", "_base") if hasattr(_T, n))
+_DisableTF = torch._C.DisableTorchFunctionSubclass
 
 # filled by meshpar.sharding.dispatch at import (breaks the import cycle tensor <-> dispatch)
 _HANDLER: list = [None]
