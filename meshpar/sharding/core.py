@@ -89,7 +89,7 @@ def enter(x: ShardedTensor, vary: Iterable[str] = ()) -> torch.Tensor:
     if x.grad_fn is None:  # a leaf
         ent = x._ent
         defer = getattr(x, "_meshpar_defer_reduce", ())
-        key = (vary, tuple(defer or ()), loc.data_ptr(), loc.numel(), loc.dtype, loc.device)
+        key = (vary, tuple(defer or ()), loc.data_ptr(), loc._version, loc.numel(), loc.dtype, loc.device)
         if ent is not None and ent[0] == key:
             return ent[1]
         with torch._C.DisableTorchFunctionSubclass():
