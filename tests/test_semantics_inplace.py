@@ -244,3 +244,33 @@ def _grad_layout_case(mesh):
 def test_leaf_grads_keep_the_leaf_layout(pool):
     for same_x, same_p, err in pool.run(_grad_layout_case, (2, 2), ("x", "y")):
         assert same_x and same_p and err < 1e-9
+
+
+def _module_to_case(mesh):
+    """nn.Module conversions move/cast ShardedTensor parameters and buffers, keeping spec and mesh."""
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(8, 4, dtype=torch.float32, generator=g)
+    m = torch.nn.Module()
+    m.w = torch.nn.Parameter(mp.shard(W.clone(), P("x"), mesh))
+    m.register_buffer("b", mp.shard(torch.ones(4), P(), mesh))
+    x = mp.shard(torch.ones(2, 8), P(), mesh)
+    (x @ m.w).sum().backward()
+    out = []
+    for conv in (lambda: m.double(), lambda: m.to(torch.float16), lambda: m.bfloat16(), lambda: m.half(),
+                 lambda: m.float(), lambda: m.to("cpu"), lambda: m.to(torch.device("cpu"), torch.float64)):
+        conv()
+        w = m.w
+        out.append((isinstance(w, torch.nn.Parameter), isinstance(w, mp.ShardedTensor), w.spec == P("x"),
+                    w.dtype == w._local.dtype, m.b.dtype == m.b._local.dtype, w.requires_grad,
+                    float((mp.unshard(w.detach()).double() - W.double()).abs().max())))
+    m.w.grad = None
+    (mp.shard(torch.ones(2, 8, dtype=torch.float64), P(), mesh) @ m.w).sum().backward()
+    return out, m.w.dtype, m.w.grad.spec == P("x"), m.w.grad.dtype
+
+
+def test_module_to_casts_sharded_parameters(pool):
+    for out, dtype, grad_layout, gdtype in pool.run(_module_to_case, (2,), ("x",)):
+        for row in out:
+            assert all(row[:6]), row
+            assert row[6] < 1e-2, row
+        assert dtype == torch.float64 and grad_layout and gdtype == torch.float64

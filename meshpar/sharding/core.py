@@ -72,7 +72,8 @@ def enter(x: ShardedTensor, vary: Iterable[str] = ()) -> torch.Tensor:
     """``x``'s block as a plain tensor in the autograd graph; backward sums its gradient over ``vary``.
 
     At most one autograd node per op: a result of :func:`wrap` keeps its graph-connected block
-    (``_lg``), which the next op uses directly (no node) while the block is unchanged and nobody
+    (``_lg``), which the next op uses directly (no node) while the wrapper's ``grad_fn`` is still the
+    one ``wrap`` made (an in-place op replaces it), its storage is the same, and nobody
     watches the wrapper's own gradient (hooks, ``retain_grad``); a leaf keeps its entered block per
     ``vary`` (the node saves no tensors, so it serves every forward) while its storage is unchanged.
     """
@@ -83,7 +84,7 @@ def enter(x: ShardedTensor, vary: Iterable[str] = ()) -> torch.Tensor:
     loc = x._local
     if not vary:
         lg = x._lg
-        if lg is not None and loc._version == x._lgv and loc.data_ptr() == lg.data_ptr() \
+        if lg is not None and x.grad_fn is x._lgv and loc.data_ptr() == lg.data_ptr() \
                 and not x._backward_hooks and not x.retains_grad:
             return lg
     if x.grad_fn is None:  # a leaf
@@ -107,7 +108,7 @@ def wrap(local: torch.Tensor, spec: P, mesh: Mesh, shape: Sequence[int]) -> Shar
     if torch.is_grad_enabled() and local.requires_grad:
         out = _Wrap.apply(local, spec, mesh, shape)
         out._lg = local
-        out._lgv = out._local._version
+        out._lgv = out.grad_fn  # an in-place op recorded on the wrapper replaces it: _lg is then stale
         return out
     return ShardedTensor(local, spec, mesh, shape)
 

@@ -18,7 +18,7 @@ import torch
 from ..errors import ShardingError
 from ..mesh.collectives import _CURRENT_OP as _OP
 from .semantics import USER_OP, is_strict
-from .tensor import _FAST, ShardedTensor, fast_key, layout, local_fn_exec, same_call_exec
+from .tensor import _FAST, _FAST_GRAD, ShardedTensor, fast_key, layout, local_fn_exec, same_call_exec
 
 Rule = Callable[[Callable, tuple, dict], Any]
 
@@ -101,6 +101,7 @@ class FastPaths:
 
 
 FAST = FastPaths(_FAST)
+FAST_GRAD = FastPaths(_FAST_GRAD)
 signature = fast_key  # the key rules remember under is the key the hot path looks up
 
 

@@ -100,6 +100,10 @@ def new_sharded(local: torch.Tensor, lay: Layout) -> "ShardedTensor":
 # :func:`fast_key`. Pure memoisation: an entry is a function of its key only. Owned (and bounded)
 # by :class:`meshpar.sharding.dispatch.FastPaths`; defined here so the hot path needs no import.
 _FAST: dict = {}
+# the same for grad mode: executors that enter/wrap through autograd (one node per op at most)
+_FAST_GRAD: dict = {}
+# the same below autograd (__torch_dispatch__): aten calls whose blocks need no moves
+_FAST_ATEN: dict = {}
 _SCALARS = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
                       torch.layout})
 _INT_SEQS = frozenset({tuple, list, torch.Size})
@@ -253,7 +257,7 @@ class ShardedTensor(torch.Tensor):
     __slots__ = ("_local", "spec", "mesh", "_gshape", "_lay")
     # autograd helpers of meshpar.sharding.core.enter (instance values only where set)
     _lg = None    # the graph-connected block of an op result (wrap)
-    _lgv = -1     # _local's version when _lg was recorded
+    _lgv = None   # the wrapper's grad_fn when _lg was recorded
     _ent = None   # a leaf's entered block: (key, tensor)
 
     @staticmethod
@@ -275,19 +279,34 @@ class ShardedTensor(torch.Tensor):
         if func in _GETTERS:  # autograd bookkeeping attributes: no layout involved
             with _DisableTF():
                 return func(*args)
-        if not _grad_enabled():
-            # fast path: a memoised executor for exactly this (op, layouts, arguments)
-            key = fast_key(func, args, kwargs)
-            if key is not None:
-                ex = _FAST.get(key)
-                if ex is not None:
-                    return ex(args, kwargs)
+        # fast path: a memoised executor for exactly this (op, layouts, arguments), one table per grad mode
+        key = fast_key(func, args, kwargs)
+        if key is not None:
+            ex = (_FAST if not _grad_enabled() else _FAST_GRAD).get(key)
+            if ex is not None:
+                return ex(args, kwargs)
         return _HANDLER[0](func, args, kwargs or {})
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        key = fast_key(func, args, kwargs)
+        if key is not None:
+            ex = _FAST_ATEN.get(key)
+            if ex is not None:
+                return ex(args, kwargs)
         from .fallback import handle_dispatch
         return handle_dispatch(func, args, kwargs or {})
+
+    # traceable wrapper subclass protocol: nn.Module._apply (``.to``, ``.double()``, ``.cuda()``) swaps
+    # ShardedTensor parameters for their converted copies instead of ``.data =`` (which would keep the
+    # old block); torch.compile uses the same protocol.
+    def __tensor_flatten__(self):
+        return ["_local"], (self.spec, self.mesh, tuple(self._gshape))
+
+    @staticmethod
+    def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
+        spec, mesh, shape = ctx
+        return ShardedTensor(inner["_local"], spec, mesh, shape)
 
     @property
     def local(self) -> torch.Tensor:
