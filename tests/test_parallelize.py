@@ -113,10 +113,7 @@ CASES = [
     pytest.param("hf_gpt2", "1d", (2, 2), ("data", "tp"), marks=needs_hf),
     pytest.param("hf_gpt2", "2d", (2, 2), ("x", "y"), marks=needs_hf),
     pytest.param("hf_llama", "1d", (2, 2), ("data", "tp"), marks=needs_hf),
-    # a silent wrong answer in the dispatcher: x.pow(2).mean(-1, keepdim=True) over a split dim is a partial sum,
-    # and `variance + eps` then adds eps on every rank (RMSNorm); loss off by ~6e-5. Fixed by the "exact" work.
-    pytest.param("hf_llama", "2d", (2, 2), ("x", "y"), marks=[needs_hf, pytest.mark.xfail(
-        reason="scalar + partial sum adds the scalar on every rank (RMSNorm eps), dispatcher long tail", strict=False)]),
+    pytest.param("hf_llama", "2d", (2, 2), ("x", "y"), marks=needs_hf),
     pytest.param("hf_llama", "sp", (2, 2), ("data", "sp"), marks=needs_hf),
 ]
 
@@ -124,8 +121,11 @@ CASES = [
 @pytest.mark.parametrize("name,mode,shape,axes", CASES)
 def test_parallelized_model_equals_dense(pool, name, mode, shape, axes):
     out = pool.run(_equal_dense, shape, axes, name, mode)
+    # HF's LlamaRMSNorm computes in float32 by design (hidden.to(float32).pow(2).mean(-1)); with the hidden dim
+    # split (2d) the float32 sum runs in another order, so that case is exact to float32 rounding only
+    tol = 1e-5 if (name, mode) == ("hf_llama", "2d") else 1e-9
     for errs, sharded in out:
-        assert errs["loss"] < 1e-10 and errs["grad"] < 1e-9 and errs["param"] < 1e-9, errs
+        assert errs["loss"] < tol / 10 and errs["grad"] < tol and errs["param"] < tol, errs
         assert sharded > 0 or mode == "sp"
 
 
