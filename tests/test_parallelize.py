@@ -18,7 +18,7 @@ import meshpar as mp
 from meshpar import P
 from meshpar.errors import ShardingError
 from meshpar.models.plans import parallel_plan, place_batch
-from meshpar.parallelize import Layouts, dense_state_dict, load_dense, parallelize, save_dense
+from meshpar.parallel import Layouts, dense_state_dict, load_dense, parallelize, save_dense
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "nanogpt"))
 from model import NanoConfig, NanoGPT  # noqa: E402

@@ -385,7 +385,7 @@ class Layouts:
     output: Any = None
 
 
-# Tables for :func:`meshpar.parallelize.parallelize`: parameter globs -> style or spec template,
+# Tables for :func:`meshpar.parallel.parallelize`: parameter globs -> style or spec template,
 # module globs -> activation layouts. A template is a tuple of entries, one per tensor dim, written
 # with the symbols ``"B"`` (the batch axes: the data axes, then the mode's own batch axes), ``"tp"``,
 # ``"x"``, ``"y"``, ``"sp"`` (the mode's axes); :func:`parallel_plan` substitutes the caller's axis names.

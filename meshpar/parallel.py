@@ -1,4 +1,6 @@
-"""``parallelize(module, mesh, plan)``: lay out an unmodified ``nn.Module`` from outside.
+"""``parallelize(module, mesh, plan)``: lay out an unmodified ``nn.Module`` from outside (``meshpar.parallelize``).
+
+The module is ``meshpar.parallel`` so that the name ``meshpar.parallelize`` stays the function.
 
 A *plan* is a mapping, read in order (the first key that matches a parameter wins):
 
