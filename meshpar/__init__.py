@@ -24,6 +24,8 @@ def __getattr__(name):
     if name in {"launch", "launch_from_torch", "launch_from_slurm", "initialize", "Trainer", "Engine",
                 "get_dataloader"}:
         return getattr(importlib.import_module(".train", __name__), name)
+    if name in {"parallelize", "constrain", "Layouts", "Style", "load_dense", "save_dense"}:
+        return getattr(importlib.import_module(".parallel", __name__), name)
     if name == "memory_report":
         return importlib.import_module(".memory", __name__).memory_report
     raise AttributeError(f"module 'meshpar' has no attribute {name!r}")

@@ -36,6 +36,14 @@ def _data(cfg, B, T, seed):
     return idx, tg
 
 
+def _local(mesh, *ts):
+    """This data rank's block of each global batch tensor (the batch contract: a model takes local batches)."""
+    if mesh is None or "data" not in mesh.names:
+        return ts
+    nd, d = mesh.size("data"), mesh.coord("data")
+    return tuple(t.chunk(nd)[d] for t in ts)
+
+
 def _dense_loss_grads(cfg, seed, B, T, train):
     params = {n: t.requires_grad_() for n, t in _params(cfg, seed).items()}
     idx, tg = _data(cfg, B, T, seed)
@@ -47,7 +55,7 @@ def _dense_loss_grads(cfg, seed, B, T, train):
 def _sharded_loss_grads(mesh, mode, cfg, seed, B, T, train):
     plan = make_plan(mode.split("+")[0], mesh)
     params = {n: t.requires_grad_() for n, t in shard_params(_params(cfg, seed), cfg, plan).items()}
-    idx, tg = _data(cfg, B, T, seed)
+    idx, tg = _local(mesh, *_data(cfg, B, T, seed))
     loss = loss_fn(params, idx, tg, cfg, plan, train=train, seed=seed)
     loss.backward()
     grads = {n: unpad(n, unshard(t.grad), cfg) for n, t in params.items()}
@@ -102,7 +110,7 @@ def _train_steps(mesh, mode, cfg, seed, steps, B, T):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses = []
     for s in range(steps):
-        idx, tg = _data(cfg, B, T, seed + 10 * s)
+        idx, tg = _local(mesh, *_data(cfg, B, T, seed + 10 * s))
         loss = model(idx, tg, train=True, seed=s)
         opt.zero_grad()
         loss.backward()
@@ -133,7 +141,7 @@ def test_gpt_adamw_steps_match_dense(pool, mode):
 
 def _deferred(mesh, cfg, seed):
     model = GPT(cfg, make_plan("1d", mesh), _params(cfg, seed), defer_reduce=("data",))
-    idx, tg = _data(cfg, 4, 5, seed)
+    idx, tg = _local(mesh, *_data(cfg, 4, 5, seed))
     model(idx, tg).backward()
     specs = {n: p.grad.spec for n, p in model.named_parameters()}
     grads = {n: unpad(n, unshard(p.grad), cfg) for n, p in model.named_parameters()}  # unshard sums over data
@@ -203,3 +211,24 @@ def test_bad_inputs(pool):
     assert "square" in m[0] and "needs mesh axes" in m[1] and "no mesh" in m[2] and "unknown parallel mode" in m[3]
     msg = pool.run(_bad_3d_weight, (2, 2, 2), ("i", "j", "k"))[0]
     assert msg is not None and "P(('j', 'i'), 'k')" in msg
+
+
+def _data2_tp2_loss(mesh, cfg, seed):
+    plan = make_plan("1d", mesh)
+    model = GPT(cfg, plan, _params(cfg, seed))
+    idx, tg = _local(mesh, *_data(cfg, 4, 5, seed))  # each data rank's own 2 rows
+    loss = model(idx, tg)
+    loss.backward()
+    return float(loss.detach()), {n: unpad(n, unshard(p.grad), cfg) for n, p in model.named_parameters()}
+
+
+def test_gpt_batch_contract_data2_tp2(pool):
+    """data=2 x tp=2: each data rank passes its local batch; the loss is the dense loss of the global batch
+    (a layout that sharded each local batch over "data" as if it were global would drop half the rows)."""
+    cfg = GPTConfig(**CFG)
+    ref_loss, ref_g = _dense_loss_grads(cfg, 6, 4, 5, False)
+    out = pool.run(_data2_tp2_loss, (2, 2), ("data", "tp"), cfg, 6)
+    for loss, grads in out:
+        assert abs(loss - float(ref_loss)) <= 1e-9 * abs(float(ref_loss))
+        for n, g in grads.items():
+            assert _rel(g, ref_g[n]) < 1e-9, n

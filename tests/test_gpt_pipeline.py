@@ -54,11 +54,12 @@ def _pipe_gpt(mesh, mode: str, schedule: str, m: int, chunks: int):
     plan = make_plan("dense") if mode == "dense" else make_plan(mode, mesh)
     gpt = GPT(CFG, plan, params=_params(CFG, 3))
     x, y = _data(CFG, 8, 6, 3)
-    if plan.dense and "data" in mesh.names:  # plain tensors: each data replica takes its shard, the pipeline averages
+    data_axes = None
+    if "data" in mesh.names:  # the batch contract: each data replica takes its block of the global batch
         nd, d = mesh.size("data"), mesh.coord("data")
-        x, y, data_axes = x.chunk(nd)[d], y.chunk(nd)[d], "data"
-    else:  # the plan lays out the global batch; the sharding core reduces gradients over its axes
-        data_axes = None
+        x, y = x.chunk(nd)[d], y.chunk(nd)[d]
+        # plain tensors: the pipeline averages over data; a plan: the sharding core reduces over its axes
+        data_axes = "data" if plan.dense else None
     pipe = Pipeline(gpt.pipeline_blocks(), mesh, Loss(gpt), schedule=schedule, num_microbatches=m, chunks=chunks,
                     data_axes=data_axes)
     for _ in range(2):  # the second step runs on cached activation shapes

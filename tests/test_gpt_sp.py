@@ -46,6 +46,14 @@ def _data(cfg: GPTConfig, B: int, T: int, seed: int) -> tuple[torch.Tensor, torc
     return idx, tg
 
 
+def _local(mesh, *ts):
+    """This data rank's block of each global batch tensor (the batch contract: a model takes local batches)."""
+    if mesh is None or "data" not in mesh.names:
+        return ts
+    nd, d = mesh.size("data"), mesh.coord("data")
+    return tuple(t.chunk(nd)[d] for t in ts)
+
+
 def _dense_loss_grads(cfg: GPTConfig, seed: int, B: int, T: int):
     params = {n: t.requires_grad_() for n, t in _params(cfg, seed).items()}
     idx, tg = _data(cfg, B, T, seed)
@@ -57,7 +65,7 @@ def _dense_loss_grads(cfg: GPTConfig, seed: int, B: int, T: int):
 def _sharded_loss_grads(mesh, mode, seq_mode, balanced, cfg, seed, B, T):
     plan = make_plan(mode, mesh, sequence_mode=seq_mode, balanced=balanced)
     params = {n: t.requires_grad_() for n, t in shard_params(_params(cfg, seed), cfg, plan).items()}
-    idx, tg = _data(cfg, B, T, seed)
+    idx, tg = _local(mesh, *_data(cfg, B, T, seed))
     loss = loss_fn(params, idx, tg, cfg, plan)
     loss.backward()
     grads = {n: unpad(n, unshard(t.grad), cfg) for n, t in params.items()}
@@ -94,7 +102,7 @@ def _train_steps(mesh, mode, seq_mode, cfg, seed, steps, B, T):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses = []
     for s in range(steps):
-        idx, tg = _data(cfg, B, T, seed + 10 * s)
+        idx, tg = _local(mesh, *_data(cfg, B, T, seed + 10 * s))
         loss = model(idx, tg)
         opt.zero_grad()
         loss.backward()

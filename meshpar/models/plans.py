@@ -50,14 +50,14 @@ every rank; ``shard``/``unshard`` permute, so tokens, targets and logits stay in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from ..errors import ShardingError
 from ..mesh import Mesh
-from ..sharding.api import shard
-from ..sharding.spec import P, Zigzag
+from ..sharding.api import from_local, reshard, shard
+from ..sharding.spec import P, Zigzag, base_axis
 from ..sharding.tensor import ShardedTensor
 
 MODES = ("dense", "1d", "2d", "2.5d", "3d", "sp", "1d+sp")
@@ -115,7 +115,8 @@ class Plan:
         return None if self.dense else self.roles[param_role(name)]
 
     def place(self, x: torch.Tensor, act: str) -> torch.Tensor:
-        """Lay out a global (replicated) activation/input ``x`` as ``act`` (a free local slice).
+        """Lay out an input ``x`` as ``act`` (a free local slice): ``x`` is this data rank's *local*
+        batch (the batch contract, :func:`place_batch`); a ShardedTensor is taken as is.
 
         With a split sequence, ``x``'s dim 1 must divide into :attr:`seq_multiple` blocks (in the
         balanced layout each rank keeps its two zigzag chunks; ``x`` is in natural order).
@@ -129,7 +130,32 @@ class Plan:
                 raise ShardingError(f"sequence length {T} (dim 1 of {act}) is not divisible by {how} over mesh "
                                     f"axes {self.seq_axes}; use a sequence length that is a multiple of "
                                     f"{self.seq_multiple}")
-        return shard(x, self.act[act], self.mesh)
+        return place_batch(x, self.act[act], self.mesh, ("data",))
+
+
+def place_batch(x: torch.Tensor, spec: P, mesh: Mesh, data_axes: Sequence[str]) -> torch.Tensor:
+    """Lay out a data rank's *local* batch ``x`` as ``spec`` (the batch contract).
+
+    ``x`` is this data rank's block of the global batch (same on the ranks of one data replica):
+    it is viewed with :func:`~meshpar.from_local` over ``spec``'s data axes only, then sliced to
+    ``spec`` (no communication). A ShardedTensor is resharded to ``spec`` (a no-op when it matches).
+    """
+    if isinstance(x, ShardedTensor):
+        return reshard(x, spec) if x.spec != spec else x
+    data = set(data_axes)
+    kept = []
+    for d in range(len(spec)):
+        axes = spec.axes_of(d)
+        mine = tuple(a for a in axes if base_axis(a) in data)
+        if mine and axes[:len(mine)] != mine:
+            raise ShardingError(f"input spec {spec}: the data axes {mine} must lead dim {d}'s axes {axes} "
+                                "(a local batch is one contiguous block per data rank)")
+        kept.append(mine if mine else None)
+    local_spec = P(*kept)
+    if not local_spec.sharded_axes():
+        return shard(x, spec, mesh)
+    y = from_local(x, local_spec, mesh)
+    return reshard(y, spec) if y.spec != spec else y
 
 
 def param_role(name: str) -> str:
@@ -326,3 +352,157 @@ def unpad(name: str, t: torch.Tensor, cfg) -> torch.Tensor:
     """The real (unpadded) part of a global parameter or gradient ``t`` of parameter ``name``."""
     table = {"V": cfg.vocab_size, "C": cfg.n_embd, "F": 4 * cfg.n_embd}
     return t[tuple(slice(0, table.get(d, n)) for d, n in zip(param_dims(name), t.shape))]
+
+
+# ===================================================================================== plans from outside
+STYLES = ("colwise", "rowwise", "summa", "tesseract", "cube", "vocab", "replicate")
+
+
+@dataclass(frozen=True)
+class Style:
+    """A named layout style over explicit mesh axes (``None``: the mesh's model axes)."""
+    name: str
+    axes: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.name not in STYLES:
+            raise ShardingError(f"unknown style {self.name!r}; choose one of {STYLES} or give a P(...)")
+
+
+@dataclass(frozen=True)
+class Layouts:
+    """Activation layouts at a module boundary.
+
+    Attributes:
+        inputs: a spec per positional tensor argument (one ``P`` = the first argument; ``None`` entries
+            leave an argument alone), applied before ``forward``.
+        kwargs: specs for keyword tensor arguments, by name.
+        output: the spec of a tensor output, a tuple of specs for a tuple output, or a mapping
+            ``{key: spec}`` for a dict-like output (e.g. ``{"logits": P(...)}``).
+    """
+    inputs: Any = None
+    kwargs: Mapping[str, P] = field(default_factory=dict)
+    output: Any = None
+
+
+# Tables for :func:`meshpar.parallel.parallelize`: parameter globs -> style or spec template,
+# module globs -> activation layouts. A template is a tuple of entries, one per tensor dim, written
+# with the symbols ``"B"`` (the batch axes: the data axes, then the mode's own batch axes), ``"tp"``,
+# ``"x"``, ``"y"``, ``"sp"`` (the mode's axes); :func:`parallel_plan` substitutes the caller's axis names.
+# Keys ending in ``">"`` are module globs whose value is ``(input templates, output template)``.
+
+_NANO_1D = {
+    "transformer.wte.weight": "vocab",  # tied: lm_head.weight is the same parameter (colwise over the vocab)
+    "transformer.h.*.attn.c_attn.*": "colwise", "transformer.h.*.attn.c_proj.*": "rowwise",
+    "transformer.h.*.mlp.c_fc.*": "colwise", "transformer.h.*.mlp.c_proj.*": "rowwise",
+    # the fused q/k/v output is split by .split(C): gather it (a sharded split is not supported yet)
+    "transformer.h.*.attn.c_attn>": ((), ("B",)),
+    ">": ((("B",), ("B",)), None),
+}
+_NANO_2D = {
+    "transformer.wte.weight": (None, "y"), "transformer.wpe.weight": (None, "y"),
+    "transformer.h.*.ln_*": ("y",), "transformer.ln_f.*": ("y",),
+    "transformer.h.*.attn.c_attn.*": "summa", "transformer.h.*.attn.c_proj.*": "summa",
+    "transformer.h.*.mlp.c_fc.*": "summa", "transformer.h.*.mlp.c_proj.*": "summa",
+    "transformer.h.*.attn.c_attn>": ((), ("B",)),
+    "transformer.h.*.attn.c_proj>": ((("B", None, "y"),), None),
+    ">": ((("B",), ("B",)), None),
+}
+_NANO_SP = {
+    # parameters replicated; activations split on the sequence (ring attention in SDPA); the logits are
+    # gathered before the model's logits.view(-1, V) (merging a split sequence into the batch is not supported)
+    ">": ((("B", "sp"), ("B",)), None),
+    "lm_head>": ((), ("B",)),
+}
+_GPT2 = "transformer.h.*."
+_HF_GPT2_1D = {
+    "transformer.wte.weight": "vocab",
+    _GPT2 + "attn.c_attn.*": "colwise", _GPT2 + "attn.c_proj.*": "rowwise",
+    _GPT2 + "mlp.c_fc.*": "colwise", _GPT2 + "mlp.c_proj.*": "rowwise",
+    _GPT2 + "attn.c_attn>": ((), ("B",)),
+    ">": ((("B",),), None),
+}
+_HF_GPT2_2D = {
+    "transformer.wte.weight": (None, "y"), "transformer.wpe.weight": (None, "y"),
+    _GPT2 + "ln_*": ("y",), "transformer.ln_f.*": ("y",),
+    _GPT2 + "attn.c_attn.*": "summa", _GPT2 + "attn.c_proj.*": "summa",
+    _GPT2 + "mlp.c_fc.*": "summa", _GPT2 + "mlp.c_proj.*": "summa",
+    _GPT2 + "attn.c_attn>": ((), ("B",)),
+    _GPT2 + "attn.c_proj>": ((("B", None, "y"),), None),
+    ">": ((("B",),), None),
+}
+_LLAMA = "model.layers.*."
+_HF_LLAMA_1D = {
+    "model.embed_tokens.weight": "vocab",
+    _LLAMA + "self_attn.[qkv]_proj.weight": "colwise", _LLAMA + "self_attn.o_proj.weight": "rowwise",
+    _LLAMA + "mlp.gate_proj.weight": "colwise", _LLAMA + "mlp.up_proj.weight": "colwise",
+    _LLAMA + "mlp.down_proj.weight": "rowwise",
+    "lm_head.weight": "colwise",
+    ">": ((("B",),), None),
+}
+_HF_LLAMA_2D = {
+    "model.embed_tokens.weight": (None, "y"),
+    # HF's RMSNorm runs in float32: with the hidden dim split over y its float32 sum runs in another order
+    _LLAMA + "*layernorm.weight": ("y",), "model.norm.weight": ("y",),
+    _LLAMA + "self_attn.*_proj.weight": "summa", _LLAMA + "mlp.*_proj.weight": "summa",
+    "lm_head.weight": "summa",
+    ">": ((("B",),), None),
+}
+_HF_LLAMA_SP = {
+    ">": ((("B", "sp"),), None),
+    # gather the sequence before the LM head (HF slices hidden_states[:, logits_to_keep])
+    "model.norm>": ((), ("B",)),
+}
+
+#: model -> mode -> table; the mode's axes: 1d (tp), 2d (x, y), sp (sp)
+TABLES = {
+    "nanogpt": {"1d": _NANO_1D, "2d": _NANO_2D, "sp": _NANO_SP},
+    "hf_gpt2": {"1d": _HF_GPT2_1D, "2d": _HF_GPT2_2D},
+    "hf_llama": {"1d": _HF_LLAMA_1D, "2d": _HF_LLAMA_2D, "sp": _HF_LLAMA_SP},
+}
+_MODE_AXES = {"1d": ("tp",), "2d": ("x", "y"), "sp": ("sp",)}
+_STYLE_AXES = {"colwise": ("tp",), "rowwise": ("tp",), "vocab": ("tp",), "summa": ("x", "y")}
+
+
+def parallel_plan(model: str, mode: str, *, data: Sequence[str] = (), **axes: str) -> dict:
+    """The :func:`~meshpar.parallelize.parallelize` plan of ``model`` in ``mode`` on the caller's axis names.
+
+    Args:
+        model: a key of :data:`TABLES` (``"nanogpt"``, ``"hf_gpt2"``, ``"hf_llama"``).
+        mode: ``"1d"``, ``"2d"`` or ``"sp"``.
+        data: the data-parallel axes (batch), e.g. ``("data",)``.
+        **axes: the mode's axes under their table names mapped to yours, e.g. ``tp="model"``
+            (default: the table names ``tp``, ``x``, ``y``, ``sp``).
+    Returns:
+        ``{glob: P | Style | Layouts}``.
+    Raises:
+        ShardingError: unknown model, mode, or axis symbol.
+    """
+    if model not in TABLES:
+        raise ShardingError(f"no plan table for model {model!r}; known: {sorted(TABLES)}")
+    if mode not in TABLES[model]:
+        raise ShardingError(f"model {model!r} has no {mode!r} plan; its modes: {sorted(TABLES[model])}")
+    names = {a: axes.get(a, a) for a in _MODE_AXES[mode]}
+    unknown = set(axes) - set(names)
+    if unknown:
+        raise ShardingError(f"mode {mode!r} has axes {_MODE_AXES[mode]}; got unknown {sorted(unknown)}")
+    batch = tuple(data) + ((names["x"],) if mode == "2d" else ())
+
+    def entry(e):
+        if e == "B":
+            return batch if batch else None
+        return names[e] if isinstance(e, str) else e
+
+    def spec(t):
+        return None if t is None else P(*(entry(e) for e in t))
+
+    out: dict = {}
+    for key, value in TABLES[model][mode].items():
+        if key.endswith(">"):
+            ins, outp = value
+            out[key[:-1]] = Layouts(inputs=tuple(spec(t) for t in ins) or None, output=spec(outp))
+        elif isinstance(value, str):
+            out[key] = Style(value, tuple(names[a] for a in _STYLE_AXES[value]))
+        else:
+            out[key] = spec(value)
+    return out

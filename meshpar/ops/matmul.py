@@ -173,3 +173,20 @@ def _einsum(func, args, kwargs):
                             f"[{describe(tuple(ops), {})}]; reshard so each label has one split")
     full = ",".join(labels) + "->" + out
     return run_local(lambda *l: torch.einsum(full, *l), ops, labels, out, mesh, plan)
+
+
+@register(torch.addmm, T.addmm)
+def _addmm(func, args, kwargs):
+    """``addmm(input, m1, m2, beta=1, alpha=1)`` = ``beta*input + alpha*(m1 @ m2)`` (HF GPT-2's Conv1D):
+    the sharded matmul (any algorithm) plus the broadcast add."""
+    names = ("input", "mat1", "mat2")
+    bound = dict(zip(names, args))
+    bound.update({k: v for k, v in kwargs.items() if k in names})
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    if "out" in kwargs:
+        raise ShardingError("addmm(out=...) on ShardedTensors: use the functional form")
+    y = sharded_matmul(bound["mat1"], bound["mat2"])
+    if alpha != 1:
+        y = y * alpha
+    inp = bound["input"]
+    return y + (inp if beta == 1 else inp * beta)
