@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import meshpar as mp  # noqa: E402
 from meshpar.ops import attention as A  # noqa: E402
-from matmul import check, device, env_info, init_torchrun, rel_err, spawn_smoke, time_fn, write_json  # noqa: E402
+from common import check, device, env_info, init_torchrun, rel_err, spawn_smoke, time_fn, write_json  # noqa: E402
 
 GPU_SIZES = [32768, 131072]
 SMOKE_SIZES = [64, 128]

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cuda_ops  # noqa: E402
-from _timing import bench, rel_err, table, write_results  # noqa: E402
+from common import bench, rel_err, table, write_results  # noqa: E402
 from meshpar.optim.cpu_adamw import CPUAdamW  # noqa: E402
 
 

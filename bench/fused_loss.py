@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import bench, rel_err, table, try_compile, write_results  # noqa: E402
+from common import bench, rel_err, table, try_compile, write_results  # noqa: E402
 from meshpar.ops.fused_loss import default_chunk, fused_linear_cross_entropy  # noqa: E402
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cuda_ops  # noqa: E402
-from _timing import bench, rel_err, table, try_compile, write_results  # noqa: E402
+from common import bench, rel_err, table, try_compile, write_results  # noqa: E402
 from cuda_ops import bias_act as k_bias_act  # noqa: E402
 from cuda_ops import dropout as k_dropout  # noqa: E402
 from cuda_ops import ring as k_ring  # noqa: E402

@@ -27,15 +27,8 @@ CPU smoke test (spawns 4 gloo processes, tiny sizes; checks the script, not the 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import socket
-import statistics
 import sys
-import time
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -43,107 +36,10 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import meshpar as mp  # noqa: E402
+from common import check, device, env_info, fwd_bwd, init_torchrun, spawn_smoke, time_fn, write_json  # noqa: E402
 
 GPU_SIZES = [(8192, 8192, 8192), (16384, 16384, 16384), (32768, 32768, 8192)]
 SMOKE_SIZES = [(64, 64, 64), (128, 64, 32)]
-
-
-# ----------------------------------------------------------------------------- harness (shared with tp_8gpu.py)
-def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def time_fn(fn: Callable[[], object], warmup: int, iters: int) -> float:
-    """Median seconds of ``iters`` runs of ``fn`` after ``warmup`` runs, max over ranks."""
-    cuda = torch.cuda.is_available()
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        dist.barrier()
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / (b.norm() + 1e-30))
-
-
-def check(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float = 3e-2) -> float:
-    """Raise when ``got`` is not ``ref`` to bf16 accuracy (never time a wrong result)."""
-    e = rel_err(got, ref)
-    if not e < tol:
-        raise AssertionError(f"{name}: relative error {e:.3g} vs the one-device result exceeds {tol}")
-    return e
-
-
-def env_info() -> dict:
-    cuda = torch.cuda.is_available()
-    return {
-        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-        "world_size": dist.get_world_size(), "backend": dist.get_backend(),
-        "torch": torch.__version__,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "host": socket.gethostname(),
-    }
-
-
-def write_json(name: str, payload: dict, out: str | None) -> str:
-    path = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                               f"{name}_{datetime.date.today().isoformat()}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
-    return path
-
-
-def spawn_smoke(main: Callable[[argparse.Namespace], None], args: argparse.Namespace, world: int) -> None:
-    """Run ``main(args)`` on ``world`` local gloo processes (the ``--smoke`` mode)."""
-    import torch.multiprocessing as tmp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tmp.spawn(_smoke_worker, args=(world, port, main, args), nprocs=world, join=True)
-
-
-def _smoke_worker(rank: int, world: int, port: int, main, args) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        main(args)
-    finally:
-        dist.destroy_process_group()
-
-
-def init_torchrun() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-
-
-def fwd_bwd(forward: Callable[[], object], leaves: list[torch.Tensor], grad_out) -> Callable[[], None]:
-    """A step running ``forward()`` and its backward with the output gradient ``grad_out``."""
-    def step():
-        for t in leaves:
-            t.grad = None
-        forward().backward(grad_out)
-    return step
 
 
 # ----------------------------------------------------------------------------- the benchmark

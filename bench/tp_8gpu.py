@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import meshpar as mp  # noqa: E402
-from matmul import (check, device, env_info, fwd_bwd, init_torchrun, spawn_smoke, time_fn,  # noqa: E402
+from common import (check, device, env_info, fwd_bwd, init_torchrun, spawn_smoke, time_fn,  # noqa: E402
                     write_json)
 
 P = mp.P
