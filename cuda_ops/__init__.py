@@ -11,7 +11,8 @@ Build cache: ``$MESHPAR_OPS_CACHE`` or ``~/.cache/meshpar/cuda_ops``, one direct
 changed source, torch or machine rebuilds and nothing stale is loaded.
 
 Fallback rule: no compiler, no CUDA (for a CUDA kernel), a failed build, a failed load, or
-``MESHPAR_DISABLE_KERNELS`` (``1``/``all`` or a comma list of kernel names) -> :func:`load` returns
+``MESHPAR_DISABLE_KERNELS`` (``1``/``all`` or a comma list of kernel names), or a CUDA kernel whose
+GPU check has not passed yet (``verified=False``) and that ``MESHPAR_ENABLE_KERNELS`` does not list -> :func:`load` returns
 ``None`` and the caller uses its pure-torch path. The reason is logged once per kernel (``logging``,
 logger ``cuda_ops``); nothing raises.
 
@@ -53,6 +54,9 @@ class KernelSpec:
     ldflags: tuple[str, ...] = ()
     functions: dict = dataclasses.field(default_factory=dict)
     doc: str = ""
+    #: a CUDA kernel is used by default only once its GPU check and benchmark have passed on a real
+    #: GPU (recorded in docs/kernels.md); until then it is opt-in (``MESHPAR_ENABLE_KERNELS``)
+    verified: bool = True
 
 
 _P = ctypes.c_void_p
@@ -70,28 +74,36 @@ KERNELS: dict[str, KernelSpec] = {
                    "meshpar_omp_max_threads": (_INT, [])},
         doc="AdamW step on flat fp32 CPU tensors (OpenMP, vectorized), optional bf16 copy-out"),
     "dropout": KernelSpec(
-        "dropout", ("dropout.cu",), cuda=True, cuda_cflags=("-O3", *_CUDA_ARCH),
+        "dropout", ("dropout.cu",), cuda=True, verified=False, cuda_cflags=("-O3", *_CUDA_ARCH),
         functions={"meshpar_hash_dropout": (_INT, [_P, _P, _P, _P, _INT, _I64, _P, _P, _P, _INT, _U32, _U32, _D,
                                                    _P])},
         doc="layout-independent hash dropout, optionally fused bias + dropout + residual (mask never stored)"),
     "ring_merge": KernelSpec(
-        "ring_merge", ("ring_merge.cu",), cuda=True, cuda_cflags=("-O3", *_CUDA_ARCH),
+        "ring_merge", ("ring_merge.cu",), cuda=True, verified=False, cuda_cflags=("-O3", *_CUDA_ARCH),
         functions={"meshpar_ring_merge": (_INT, [_P, _P, _P, _P, _INT, _INT, _P, _P, _P, _P, _P]),
                    "meshpar_ring_grad_acc": (_INT, [_P, _P, _P, _P, _P, _P, _INT, _INT, _P, _P, _P])},
         doc="ring attention: log-sum-exp merge; dQ and GQA-reduced dK/dV fp32 accumulation"),
     "bias_act": KernelSpec(
-        "bias_act", ("bias_act.cu",), cuda=True, cuda_cflags=("-O3", *_CUDA_ARCH),
+        "bias_act", ("bias_act.cu",), cuda=True, verified=False, cuda_cflags=("-O3", *_CUDA_ARCH),
         functions={"meshpar_bias_gelu_fwd": (_INT, [_P, _P, _P, _INT, _I64, _I64, _INT, _P]),
                    "meshpar_bias_gelu_bwd": (_INT, [_P, _P, _P, _P, _INT, _I64, _I64, _INT, _P])},
         doc="bias + GeLU, forward and backward"),
 }
 
 
-def _disabled(name: str) -> bool:
-    v = os.environ.get("MESHPAR_DISABLE_KERNELS", "").strip().lower()
+def _listed(var: str, name: str) -> bool:
+    v = os.environ.get(var, "").strip().lower()
     if v in ("", "0", "false", "no"):
         return False
     return v in ("1", "all", "true", "yes") or name in {s.strip() for s in v.split(",")}
+
+
+def _disabled(name: str) -> bool:
+    """Forced off (``MESHPAR_DISABLE_KERNELS``), or not yet verified on a GPU and not opted in
+    (``MESHPAR_ENABLE_KERNELS``, ``1``/``all`` or a comma list)."""
+    if _listed("MESHPAR_DISABLE_KERNELS", name):
+        return True
+    return not KERNELS[name].verified and not _listed("MESHPAR_ENABLE_KERNELS", name)
 
 
 def _cpu_tag() -> str:
@@ -125,7 +137,7 @@ def build_dir(spec: KernelSpec) -> Path:
 
 def _unavailable_reason(spec: KernelSpec) -> str | None:
     if _disabled(spec.name):
-        return "disabled by MESHPAR_DISABLE_KERNELS"
+        return _disabled_reason(spec.name)
     if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
         return "no C++ compiler on PATH"
     try:
@@ -224,8 +236,14 @@ def load(name: str) -> Library | None:
 def status(name: str) -> Status:
     """Build (if needed) and report kernel ``name``."""
     if _disabled(name):
-        return Status("fallback", "disabled by MESHPAR_DISABLE_KERNELS")
+        return Status("fallback", _disabled_reason(name))
     return _status(name)
+
+
+def _disabled_reason(name: str) -> str:
+    if _listed("MESHPAR_DISABLE_KERNELS", name):
+        return "disabled by MESHPAR_DISABLE_KERNELS"
+    return f"not yet verified on a GPU: opt in with MESHPAR_ENABLE_KERNELS={name}"
 
 
 def build_all() -> dict[str, Status]:

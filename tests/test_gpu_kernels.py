@@ -21,6 +21,12 @@ pytestmark = [pytest.mark.gpu,
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
+@pytest.fixture(autouse=True)
+def _opt_in_unverified_kernels(monkeypatch):
+    """These tests are the GPU check that verifies a kernel: opt every kernel in while they run."""
+    monkeypatch.setenv("MESHPAR_ENABLE_KERNELS", "all")
+
+
 def need(name: str) -> None:
     st = cuda_ops.status(name)
     if st.state == "failed":
