@@ -9,7 +9,8 @@ strategies and an OpInfo differential harness (see ``docs/testing.md``).
 * :mod:`meshpar.testing.opinfo`: runs torch's OpInfo database against meshpar (and DTensor).
 """
 from .pool import WorkerPool, WorkerError
-from .compare import Sharded, Outcome, assert_sharded_equal, compare_sharded, partial_shares, classify_error
+from .compare import (Sharded, Outcome, assert_sharded_equal, compare_sharded, partial_shares, splittable,
+                      classify_error)
 
 __all__ = ["WorkerPool", "WorkerError", "Sharded", "Outcome", "assert_sharded_equal", "compare_sharded",
-           "partial_shares", "classify_error"]
+           "partial_shares", "splittable", "classify_error"]

@@ -14,8 +14,9 @@ The comparison is what every meshpar correctness test does::
 Each argument is one of
 
 * :class:`Sharded` ``(value, spec)``: the global ``value`` laid out by ``spec`` (``shard``), or, when
-  ``spec.unreduced`` is set, split into random *shares* that sum to the value over the unreduced
-  axes (:func:`partial_shares`, then ``from_local``): the sharded run sees a genuine partial sum;
+  ``spec.unreduced`` is set, split into random *shares* that sum exactly to the value over the
+  unreduced axes (:func:`partial_shares`, then ``from_local``): the sharded run sees a genuine
+  partial sum (the dense run gets ``splittable(value)``, the value the shares add up to);
 * a plain ``torch.Tensor``: passed as is to both runs (a value every rank holds);
 * anything else (Python scalars, dims, dtypes): passed as is.
 
@@ -86,12 +87,37 @@ def classify_error(e: BaseException) -> str:
     return "crash"
 
 
-def partial_shares(value: torch.Tensor, spec: P, mesh: Mesh, seed: int = 0) -> torch.Tensor:
-    """This rank's block of ``value`` under ``spec``, as a random share of a partial sum.
+def splittable(value: torch.Tensor, drop_bits: int = 5) -> torch.Tensor:
+    """``value`` with its ``drop_bits`` lowest mantissa bits cleared (float64/float32; others unchanged),
+    so that the dyadic shares of :func:`partial_shares` and their sums are exact in floating point."""
+    if value.dtype == torch.float64:
+        ival = value.detach().contiguous().view(torch.int64)
+        return (ival & ~((1 << drop_bits) - 1)).view(torch.float64)
+    if value.dtype == torch.float32:
+        ival = value.detach().contiguous().view(torch.int32)
+        return (ival & ~((1 << drop_bits) - 1)).view(torch.float32)
+    return value.detach()
 
-    The members of ``spec.unreduced`` hold ``value_block / n + noise_i`` with ``sum_i noise_i = 0``,
-    so the blocks sum to the value's block over those axes (up to float rounding). Every rank
-    draws the same noise (``seed``), so this needs no communication.
+
+def _share_coefficients(n: int) -> list[float]:
+    """``n`` dyadic coefficients summing exactly to 1: ``[1.5, -0.5, 0.25, -0.25, ...]`` (0 for an odd tail)."""
+    if n == 1:
+        return [1.0]
+    c = [1.5, -0.5]
+    while len(c) + 2 <= n:
+        c += [0.25, -0.25]
+    return c + [0.0] * (n - len(c))
+
+
+def partial_shares(value: torch.Tensor, spec: P, mesh: Mesh, seed: int = 0) -> torch.Tensor:
+    """This rank's block of ``value`` under ``spec``, as its share of a partial sum over ``spec.unreduced``.
+
+    Member ``i`` of the unreduced axes holds ``c[k] * value_block`` elementwise, with dyadic
+    coefficients ``c`` summing to 1 (``1.5, -0.5, 0.25, -0.25, ...``) assigned to the members by a
+    random permutation per element (``seed``; every rank draws the same, so no communication). On a
+    value passed through :func:`splittable` every share and every partial sum is exact, so the blocks
+    add up to the value bit for bit: a test never confuses rounding with a wrong answer. The dense
+    reference must use ``splittable(value)`` too (:func:`compare_sharded` does).
     """
     blk = take_block(value.detach(), P(*spec.entries), mesh)
     axes = spec.unreduced
@@ -99,9 +125,9 @@ def partial_shares(value: torch.Tensor, spec: P, mesh: Mesh, seed: int = 0) -> t
     if n == 1 or not blk.is_floating_point():
         return blk.clone()
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n,) + tuple(blk.shape), dtype=torch.float64, generator=gen)
-    noise = (noise - noise.mean(0, keepdim=True)).to(blk.dtype)
-    return (blk / n + noise[mesh.axis_index(axes)]).contiguous()
+    perm = torch.argsort(torch.rand((n, blk.numel()), generator=gen), dim=0)     # [n, numel]
+    coef = torch.tensor(_share_coefficients(n), dtype=blk.dtype)[perm[mesh.axis_index(axes)]]
+    return (blk.reshape(-1) * coef).reshape(blk.shape).contiguous()
 
 
 def _to_global(x):
@@ -178,7 +204,7 @@ def compare_sharded(fn: Callable, args: tuple, kwargs: dict | None = None, *, me
     # ------------------------------------------------------------------ dense
     def dense_arg(a):
         if isinstance(a, Sharded):
-            return _float_leaf(a.value, backward)
+            return _float_leaf(splittable(a.value) if a.spec.unreduced else a.value, backward)
         if isinstance(a, torch.Tensor):
             return _float_leaf(a, backward)
         return a
@@ -196,6 +222,7 @@ def compare_sharded(fn: Callable, args: tuple, kwargs: dict | None = None, *, me
         if isinstance(a, Sharded):
             v = a.value.detach()
             if a.spec.unreduced:
+                v = splittable(v)
                 st = from_local(partial_shares(v, a.spec, mesh, seed), a.spec, mesh, shape=tuple(v.shape))
             else:
                 st = shard(v.clone(), a.spec, mesh)
