@@ -105,7 +105,7 @@ def _errors(mesh):
         "reshape_minor": lambda: mp.shard(torch.zeros(4, 4), P(None, "x"), mesh).reshape(16),
         "index_split": lambda: mp.shard(torch.zeros(4, 4), P("x"), mesh)[1],
     }
-    with CommCounter() as c:
+    with CommCounter() as c, mp.strict():  # by default the op cases reshard implicitly; strict refuses
         for k, fn in cases.items():
             try:
                 fn()

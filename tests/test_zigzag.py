@@ -273,7 +273,8 @@ def _refusals(mesh):
     }
     out = {}
     for name, fn in calls.items():
-        with CommCounter() as c:
+        # by default these reshard implicitly (exactly); strict mode refuses before any collective
+        with CommCounter() as c, mp.strict():
             try:
                 fn()
                 out[name] = (None, c.total_calls)

@@ -17,6 +17,7 @@ import functools
 
 from ..sharding.core import apply_plan, local_in, meta, operand_plan, reduce_unreduced, wrap
 from ..sharding.dispatch import FAST, register, signature
+from ..sharding.semantics import desc, float_cast, keep_partial
 from ..sharding.spec import P, base_axis
 from ..sharding.tensor import ShardedTensor, blockwise_exec, layout, new_sharded
 from ._util import common_mesh, gshape
@@ -45,15 +46,25 @@ _UNARY = [torch.exp, T.exp, torch.log, T.log, torch.log1p, T.log1p, torch.expm1,
           F.mish, F.hardtanh, F.relu6, F.logsigmoid, F.selu, F.celu, torch.nn.functional.hardswish,
           T.float, T.double, T.half, T.bfloat16, T.to, T.contiguous, T.clone, torch.clone, T.detach,
           torch.detach, T.conj, torch.conj, T.type, T.int, T.long, T.bool, T.cpu, T.cuda, T.zero_,
-          torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
-          torch.randn_like, T.new_zeros, T.new_ones, T.new_empty, T.new_full, T.pin_memory]
+          torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, T.new_zeros, T.new_ones, T.new_empty, T.new_full, T.pin_memory]
 _INPLACE = [T.add_, T.sub_, T.mul_, T.div_, T.__iadd__, T.__isub__, T.__imul__, T.__itruediv__, T.addcmul_,
             T.addcdiv_, T.lerp_, T.copy_, T.clamp_, T.sqrt_, T.exp_, T.neg_, T.pow_, T.fill_, T.zero_,
-            T.masked_fill_, T.abs_, T.relu_, T.uniform_, T.normal_, T.requires_grad_]
+            T.masked_fill_, T.abs_, T.relu_, T.requires_grad_]
 
 _NEW_SHAPE = {T.new_zeros, T.new_ones, T.new_empty, T.new_full}
-_LIKE_FACTORY = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
-                 torch.randn_like}
+_LIKE_FACTORY = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like}
+
+
+def _cast_dtype(args, kwargs):
+    """The dtype a ``.to(...)``/``.type(...)`` call casts to (None: unchanged)."""
+    for v in list(args[1:]) + list(kwargs.values()):
+        if isinstance(v, torch.dtype):
+            return v
+        if isinstance(v, torch.Tensor):
+            return v.dtype
+        if isinstance(v, str) and v.startswith("torch."):
+            return getattr(torch, v.split(".", 1)[1], None)
+    return None
 
 
 def _out_axes(metas, out_ndim: int) -> list[tuple[str, ...]]:
@@ -86,21 +97,18 @@ def _out_axes(metas, out_ndim: int) -> list[tuple[str, ...]]:
 
 
 @functools.lru_cache(maxsize=8192)
-def _plan(func, metas: tuple, linear: str, is_div_first: bool):
-    """(reduce flags, out spec, out shape, operand plans) for operands described by ``metas``."""
-    sts = [m for m in metas if m is not None and m[0] == "S"]
-    unreds = [m[1].unreduced for m in sts]
-    n_tensors = sum(1 for m in metas if m is not None)
+def _plan(func, metas: tuple, linear: str, values: tuple):
+    """(reduce flags, out spec, out shape, operand plans) for operands described by ``metas``.
+
+    ``values``: descriptors of the call's value operands (:func:`meshpar.sharding.semantics.desc`),
+    which the linearity table reads to decide whether partial sums may stay unreduced."""
     keep: tuple[str, ...] = ()
     reduce = [False] * len(metas)
-    if any(unreds):
-        ok = False
-        if linear == "add":
-            ok = all(u == unreds[0] for u in unreds) and len(sts) == n_tensors
-        elif linear == "scale":
-            ok = sum(1 for u in unreds if u) == 1 and not (func in _DIV_SET and not is_div_first)
-        if ok:
-            keep = next(u for u in unreds if u)
+    if any(m is not None and m[0] == "S" and m[1].unreduced for m in metas):
+        kind = "scale" if linear == "scale" else ("add" if linear == "add" else linear)
+        k = keep_partial(kind, values, func in _DIV_SET)
+        if k is not None:
+            keep = k
         else:
             reduce = [m is not None and m[0] == "S" and bool(m[1].unreduced) for m in metas]
             metas = tuple(("S", m[1].reduced(), m[2]) if r else m for m, r in zip(metas, reduce))
@@ -139,13 +147,15 @@ def blockwise_executor(func, plans, out_spec: P, out_shape, mesh):
 
 
 def elementwise(func, args: tuple, kwargs: dict, *, linear: str = "no"):
-    """Run ``func`` blockwise. ``linear``: "add" (sum of operands), "scale" (linear in one operand), "no"."""
+    """Run ``func`` blockwise. ``linear`` (the linearity table's kind, see :mod:`meshpar.sharding.semantics`):
+    "add" (sum of operands), "scale" (linear in one operand), "linear" (one operand), "no"."""
     keys = tuple(kwargs)
     vals = tuple(args) + tuple(kwargs.values())
     mesh = common_mesh([v for v in vals if isinstance(v, ShardedTensor)])
     metas = tuple(meta(v) for v in vals)
-    first_unred = isinstance(vals[0], ShardedTensor) and bool(vals[0].spec.unreduced)
-    reduce, out_spec, out_shape, plans = _plan(func, metas, linear, first_unred)
+    values = tuple(d for d in map(desc, args) if d is not None) + tuple(
+        desc(v) for v in kwargs.values() if isinstance(v, torch.Tensor))
+    reduce, out_spec, out_shape, plans = _plan(func, metas, linear, values)
     if not torch.is_grad_enabled() and not any(reduce) and not kwargs:
         FAST.remember(signature(func, args, kwargs), blockwise_executor(func, plans, out_spec, out_shape, mesh))
     locs = []
@@ -170,7 +180,7 @@ def _mul(func, args, kwargs):
 
 @register(*_NEG)
 def _neg(func, args, kwargs):
-    return elementwise(func, args, kwargs, linear="add")
+    return elementwise(func, args, kwargs, linear="linear")
 
 
 @register(*_OTHER_BINARY)
@@ -191,44 +201,71 @@ def _unary(func, args, kwargs):
         rg = kwargs.pop("requires_grad", False)
         out = ST(func(x._local, *args[1:], **kwargs), x.spec.reduced(), x.mesh, x._gshape)
         return out.requires_grad_(rg) if rg else out
-    linear = "add" if func in (T.float, T.double, T.half, T.bfloat16, T.to, T.contiguous, T.clone, torch.clone,
-                              T.detach, torch.detach, T.type, T.cpu, T.cuda) else "no"
+    linear = "no"
+    if func in (T.float, T.double, T.half, T.bfloat16, T.contiguous, T.clone, torch.clone, T.detach, torch.detach,
+                T.cpu, T.cuda):
+        linear = "linear"
+    elif func in (T.to, T.type) and float_cast(_cast_dtype(args, kwargs)):
+        linear = "linear"
     if func in (T.detach, torch.detach):
         return ShardedTensor(x._local.detach(), x.spec, x.mesh, x._gshape)
     return elementwise(func, args, kwargs, linear=linear)
 
 
+_SCALE_INPLACE = frozenset({T.mul_, T.div_, T.__imul__, T.__itruediv__})
+_ADD_INPLACE = frozenset({T.add_, T.sub_, T.__iadd__, T.__isub__})
+
+
+def _local_inplace_ok(func, target: ShardedTensor, others) -> bool:
+    """True when the in-place op may run on the blocks as they are (linearity table, layouts)."""
+    u = target.spec.unreduced
+    vals = [desc(target)] + [d for d in map(desc, others) if d is not None]
+    if not u:
+        return not any(d[0] == "S" and d[1].unreduced for d in vals)
+    if func in _ADD_INPLACE:
+        return keep_partial("add", vals) == u
+    if func in _SCALE_INPLACE:
+        return keep_partial("scale", vals, True) == u
+    if func is T.zero_:
+        return True
+    return False
+
+
 @register(*_INPLACE)
 def _inplace(func, args, kwargs):
+    """In-place ops that run on the blocks as they are; everything else goes to the exact aten
+    fallback (which writes the new value back in ``target``'s layout)."""
     target = args[0]
-    if not isinstance(target, ShardedTensor):
-        raise ShardingError(f"in-place {func.__name__} writes into a plain tensor from a ShardedTensor; "
-                            "use meshpar.unshard first")
     if func is T.requires_grad_:
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
+    if not isinstance(target, ShardedTensor):
+        return NotImplemented
     if torch.is_grad_enabled() and (target.requires_grad or any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in args[1:])):
-        raise ShardingError(f"in-place {func.__name__} on a ShardedTensor that takes part in autograd; "
-                            "use the out-of-place form (x = x + y)")
-    if target.spec.unreduced and func not in (T.zero_, T.copy_, T.mul_, T.div_, T.__imul__, T.__itruediv__,
-                                              T.add_, T.sub_, T.__iadd__, T.__isub__):
-        raise ShardingError(f"in-place {func.__name__} on an unreduced tensor {target.spec} is not linear; "
-                            "reduce it first (meshpar.reshard)")
+            isinstance(a, torch.Tensor) and a.requires_grad for a in list(args[1:]) + list(kwargs.values()))):
+        return NotImplemented  # autograd records it at the aten level
+    others = [a for a in list(args[1:]) + list(kwargs.values()) if isinstance(a, (torch.Tensor, int, float, bool))]
+    if func is T.copy_:
+        src = args[1]
+        if isinstance(src, ShardedTensor) and src.spec == target.spec and src._gshape == target._gshape:
+            target._local.copy_(src._local)
+            return target
+        return NotImplemented
+    if not _local_inplace_ok(func, target, others):
+        return NotImplemented
     mesh = target.mesh
     nd = len(target._gshape)
-    others = []
-    for a in list(args[1:]):
-        if isinstance(a, ShardedTensor):
-            if a.mesh != mesh:
-                raise ShardingError("in-place op across meshes")
-            if a.spec.unreduced != target.spec.unreduced and func not in (T.copy_,):
-                a = reduce_unreduced(a)
-            if func is T.copy_ and a.spec != target.spec:
-                from ..sharding.api import reshard
-                a = reshard(a, target.spec)
-        others.append(local_in(a, target.spec.reduced(), nd, mesh) if isinstance(a, torch.Tensor) else a)
-    kw = {k: (local_in(v, target.spec.reduced(), nd, mesh) if isinstance(v, torch.Tensor) else v)
-          for k, v in kwargs.items()}
-    func(target._local, *others, **kw)
+    out_spec = target.spec.reduced()
+    try:
+        for a in others:
+            if isinstance(a, ShardedTensor):
+                if a.mesh != mesh:
+                    raise ShardingError(f"in-place {func.__name__}: operands live on different meshes")
+                operand_plan(meta(a), out_spec, nd)
+    except ShardingError:
+        return NotImplemented  # layouts differ: the aten fallback reshards
+    lo = [local_in(a, out_spec, nd, mesh) if isinstance(a, ShardedTensor) else
+          (local_in(a, out_spec, nd, mesh) if isinstance(a, torch.Tensor) and a.ndim else a) for a in args[1:]]
+    kw = {k: (local_in(v, out_spec, nd, mesh) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    func(target._local, *lo, **kw)
     return target

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from torch.utils._pytree import tree_map
+
 import torch
 
 from ..errors import ShardingError
@@ -253,6 +255,10 @@ def _cat(func, args, kwargs):
     if len(specs) > 1:
         raise ShardingError(f"{func.__name__}: operands have different specs {sorted(map(str, specs))}; reshard to one")
     spec = ref.spec
+    if spec.unreduced and len(sts) != len(tensors):
+        # a plain tensor is a value: it would be counted once per rank next to partial sums
+        raise ShardingError(f"{func.__name__}: partial sums {spec} next to plain tensors; reduce them first "
+                            f"(meshpar.reshard(x, {spec.reduced()}))")
     if not stack:
         _require_unsplit(ref, d, func.__name__)
     tensors = [t if isinstance(t, ShardedTensor) else shard(t, spec.reduced(), mesh) for t in tensors]
@@ -276,10 +282,12 @@ def _getitem(func, args, kwargs):
         return NotImplemented
     if not isinstance(idx, tuple):
         idx = (idx,)
+    if any(isinstance(i, (torch.Tensor, list)) for i in idx):
+        return NotImplemented  # advanced indexing: the exact aten fallback
     nd = len(x._gshape)
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
-    if Ellipsis in idx:
-        k = idx.index(Ellipsis)
+    if any(i is Ellipsis for i in idx):
+        k = next(j for j, i in enumerate(idx) if i is Ellipsis)
         idx = idx[:k] + (slice(None),) * (nd - n_real) + idx[k + 1:]
     idx = idx + (slice(None),) * (nd - sum(1 for i in idx if i is not None))
     ents, shape, local_idx = [], [], []
@@ -328,3 +336,38 @@ def _expand(func, args, kwargs):
         else:
             loc_sizes.append(s)
     return wrap(enter(x).expand(loc_sizes), P(*ents, unreduced=x.spec.unreduced), x.mesh, sizes)
+
+
+@register(T.__setitem__)
+def _setitem(func, args, kwargs):
+    """``x[idx] = v``: in place on the blocks when ``idx`` is a mask laid out like ``x`` (or basic
+    indexing of unsplit dims) and ``v`` a number; otherwise exactly, on the global value (an
+    implicit all-gather, then ``x`` keeps its layout). Under autograd it refuses: use the
+    out-of-place ``torch.where(mask, v, x)``."""
+    x, idx, v = args
+    if not isinstance(x, ShardedTensor):
+        return NotImplemented
+    if torch.is_grad_enabled() and (x.requires_grad or (isinstance(v, torch.Tensor) and v.requires_grad)):
+        raise ShardingError(f"x[...] = v on a ShardedTensor {x.spec} that takes part in autograd; write it "
+                            "out of place, e.g. x = torch.where(mask, v, x)")
+    from ..sharding.generic import global_value, write_value
+    from ..sharding.semantics import implicit
+    number = isinstance(v, (int, float, bool))
+    if number and not x.spec.unreduced:
+        if isinstance(idx, ShardedTensor) and idx.dtype == torch.bool and idx.spec == x.spec \
+                and idx._gshape == x._gshape:
+            x._local[idx._local] = v
+            return None
+        basic = idx if isinstance(idx, tuple) else (idx,)
+        if all(i is Ellipsis or isinstance(i, (int, slice)) for i in basic) and Ellipsis not in basic:
+            if all(not x.spec.axes_of(d) for d in range(len(basic))):
+                x._local[idx] = v
+                return None
+    with torch.no_grad():
+        implicit("Tensor.__setitem__", f"gather {x.spec} -> P() and write back", x.mesh)
+        g = global_value(x, "Tensor.__setitem__").clone()
+        gi = tree_map(lambda t: global_value(t) if isinstance(t, ShardedTensor) else t, idx)
+        gv = global_value(v) if isinstance(v, ShardedTensor) else v
+        g[gi] = gv
+        write_value(x, g)
+    return None

@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ..mesh import Mesh, collectives as C
+from .semantics import check_output, implicit
 from .spec import P, base_axis, is_zigzag
 from .tensor import ShardedTensor
 
@@ -78,6 +79,7 @@ def enter(x: ShardedTensor, vary: Iterable[str] = ()) -> torch.Tensor:
 def wrap(local: torch.Tensor, spec: P, mesh: Mesh, shape: Sequence[int]) -> ShardedTensor:
     """A ShardedTensor around ``local`` (this rank's block), connected to ``local``'s autograd graph."""
     shape = tuple(int(s) for s in shape)
+    check_output(local, spec, mesh, shape)
     if torch.is_grad_enabled() and local.requires_grad:
         return _Wrap.apply(local, spec, mesh, shape)
     return ShardedTensor(local, spec, mesh, shape)
@@ -114,6 +116,7 @@ def reduce_unreduced(x: ShardedTensor) -> ShardedTensor:
     """Sum an unreduced (partial) tensor over its unreduced axes: the lazy reduction happens here."""
     if not x.spec.unreduced:
         return x
+    implicit("reduce", f"sum the partial sum {x.spec} over {x.spec.unreduced}", x.mesh)
     from ..mesh.autograd import psum
     local = psum(enter(x), x.mesh, x.spec.unreduced)
     return wrap(local, x.spec.reduced(), x.mesh, x._gshape)

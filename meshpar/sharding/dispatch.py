@@ -17,6 +17,7 @@ import torch
 
 from ..errors import ShardingError
 from ..mesh.collectives import _CURRENT_OP as _OP
+from .semantics import USER_OP, is_strict
 from .tensor import _FAST, ShardedTensor, fast_key, layout, local_fn_exec, same_call_exec
 
 Rule = Callable[[Callable, tuple, dict], Any]
@@ -104,23 +105,60 @@ signature = fast_key  # the key rules remember under is the key the hot path loo
 
 
 def handle_torch_function(func: Callable, args: tuple, kwargs: dict):
-    """Route a call to its rules (newest first); calls with no rule run with the subclass disabled.
+    """Route a call to its rules (newest first); calls with no rule run with the subclass disabled,
+    so their aten ops reach the exact fallback of :mod:`meshpar.sharding.fallback`.
 
-    The no-grad memo lookup happens before this, in ``ShardedTensor.__torch_function__``.
+    A rule that refuses the layouts it was given (a ShardingError, raised before any collective)
+    also sends the call to the fallback, which reshards implicitly; inside :func:`meshpar.strict`
+    the rule's refusal is raised instead. The no-grad memo lookup happens before this, in
+    ``ShardedTensor.__torch_function__``.
     """
     rules = REGISTRY.rules_for(func)
-    if rules:
-        tok = _OP.set(getattr(func, "__name__", "op"))
-        try:
-            for rule in rules:
-                out = rule(func, args, kwargs)
-                if out is not NotImplemented:
-                    return out
-        finally:
-            _OP.reset(tok)
-        raise no_rule_error(func, args, kwargs)
+    utok = USER_OP.set(_user_name(func))
+    try:
+        if rules:
+            tok = _OP.set(getattr(func, "__name__", "op"))
+            try:
+                for rule in rules:
+                    try:
+                        out = rule(func, args, kwargs)
+                    except ShardingError as e:
+                        if is_strict():
+                            raise
+                        return _via_aten(func, args, kwargs, e)
+                    if out is not NotImplemented:
+                        return out
+            finally:
+                _OP.reset(tok)
+        return _via_aten(func, args, kwargs, None)
+    finally:
+        USER_OP.reset(utok)
+
+
+def _user_name(func) -> str:
+    """The op as the user wrote it: ``torch.cumsum``, ``Tensor.add_``, ``F.pad``."""
+    name = getattr(func, "__name__", None) or repr(func)
+    mod = getattr(func, "__module__", None) or ""
+    qual = getattr(func, "__qualname__", "") or ""
+    if mod.startswith("torch.nn.functional"):
+        return f"F.{name}"
+    if qual.startswith(("Tensor.", "TensorBase.", "_TensorBase.")) or "Tensor" in qual.split(".")[0]:
+        return f"Tensor.{name}"
+    if mod == "torch" or mod.startswith("torch._C") or mod.startswith("torch.functional"):
+        return f"torch.{name}"
+    return name
+
+
+def _via_aten(func, args, kwargs, refusal: ShardingError | None):
+    """Run the call with the subclass disabled (its aten ops reach the exact fallback). When a rule
+    refused the call first and the fallback fails too, the rule's refusal is what the user sees."""
     with torch._C.DisableTorchFunctionSubclass():
-        return func(*args, **kwargs)
+        if refusal is None:
+            return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise refusal from e
 
 
 def remember(func: Callable, args: tuple, kwargs: dict, executor: Callable) -> None:

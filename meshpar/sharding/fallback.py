@@ -1,10 +1,22 @@
-"""``__torch_dispatch__`` fallback: blockwise aten ops on operands of identical layout.
+"""``__torch_dispatch__``: the long tail of aten ops, propagated below autograd.
 
-Torch calls aten ops on ShardedTensors by itself in a few places: the autograd engine (seeding
-``ones_like`` for ``backward()``, adding gradients into ``.grad``), optimizers (in-place
-updates under ``no_grad``), ``.to(dtype)``, ``detach``. These act elementwise on blocks, so
-running them on the local blocks is exact when all sharded operands have the same spec and
-global shape. Anything else raises a ShardingError.
+Every aten op that reaches a ShardedTensor without a ``__torch_function__`` rule lands here,
+after the autograd engine recorded it (so the backward is made of aten ops that land here too).
+
+* **pointwise** ops (``torch.Tag.pointwise``, in-place variants included): the result is split
+  the way the operands split it; a replicated or plain operand is sliced for free; an operand
+  split differently is resharded (an implicit collective). Partial sums follow the linearity
+  table of :mod:`.semantics`: they stay unreduced only through linear ops, else they are summed
+  first. An in-place op keeps ``self``'s layout.
+* ``*_like`` factories, ``detach``/``alias``/``clone``/``_to_copy``: same layout (integer casts of
+  partial sums are summed first).
+* **random** ops (``torch.Tag.nondeterministic_seeded``): the global random value is drawn from the
+  mesh's shared stream (:func:`.generic.shared_rng`) and each rank keeps its block, so replicas agree
+  and the value does not depend on the layout.
+* **anything else**: exact generic fallback: partial sums are summed, blocks all-gathered, the op
+  runs on the global values, and the result is replicated ``P()``; an in-place or ``out=`` op writes
+  the new value back into its argument in that argument's layout. With every operand already
+  replicated this needs no communication. Inside :func:`meshpar.strict` any collective refuses.
 """
 from __future__ import annotations
 
@@ -13,65 +25,194 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..errors import ShardingError
 from ..mesh import collectives as C
+from .generic import common_mesh, global_value, operand_block, shared_rng, value_block, write_value
+from .layout import take_block
+from .semantics import check_output, desc, float_cast, keep_partial, op_label
 from .spec import P
 from .tensor import ShardedTensor
 
 aten = torch.ops.aten
+_POINTWISE = torch.Tag.pointwise
+_RANDOM = torch.Tag.nondeterministic_seeded
 
-_LIKE = {aten.ones_like.default, aten.zeros_like.default, aten.empty_like.default, aten.full_like.default,
-         aten.rand_like.default, aten.randn_like.default}
-_UNARY_SAME = {aten.detach.default, aten.alias.default, aten.clone.default, aten._to_copy.default,
-               aten.view_as.default if hasattr(aten, "view_as") else aten.alias.default}
-# linear ops: fine on unreduced operands
-_LINEAR = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor, aten.neg.default,
-           aten.mul.Scalar, aten.mul_.Scalar, aten.div.Scalar, aten.div_.Scalar, aten.copy_.default,
-           aten.zero_.default, aten.detach.default, aten.alias.default, aten.clone.default, aten._to_copy.default}
+_LIKE = {aten.ones_like.default, aten.zeros_like.default, aten.empty_like.default, aten.full_like.default}
+_SAME = {aten.detach.default, aten.alias.default}
+# linearity of aten ops (see meshpar.sharding.semantics): every other op is non-linear
+_KIND = {aten.add.Tensor: "add", aten.add_.Tensor: "add", aten.sub.Tensor: "add", aten.sub_.Tensor: "add",
+         aten.add.Scalar: "add", aten.add_.Scalar: "add", aten.sub.Scalar: "add", aten.sub_.Scalar: "add",
+         aten.neg.default: "linear", aten.neg_.default: "linear", aten.clone.default: "linear",
+         aten.mul.Tensor: "scale", aten.mul_.Tensor: "scale", aten.mul.Scalar: "scale", aten.mul_.Scalar: "scale",
+         aten.div.Tensor: "div", aten.div_.Tensor: "div", aten.div.Scalar: "div", aten.div_.Scalar: "div",
+         aten.zero_.default: "linear"}
+_LINEAR_FOREACH = frozenset({"aten::_foreach_add", "aten::_foreach_add_", "aten::_foreach_sub", "aten::_foreach_sub_",
+                             "aten::_foreach_mul", "aten::_foreach_mul_", "aten::_foreach_div", "aten::_foreach_div_",
+                             "aten::_foreach_neg", "aten::_foreach_neg_", "aten::_foreach_zero_",
+                             "aten::_foreach_copy_"})
+# random ops that overwrite their first argument without reading its values
+_OVERWRITE = frozenset(getattr(getattr(aten, op), ov) for op, ov in (
+    ("rand_like", "default"), ("randn_like", "default"), ("randint_like", "default"), ("randint_like", "low_dtype"),
+    ("uniform_", "default"), ("normal_", "default"), ("bernoulli_", "float"), ("exponential_", "default"),
+    ("random_", "default"), ("random_", "from"), ("random_", "to"), ("geometric_", "default"),
+    ("cauchy_", "default"), ("log_normal_", "default")) if hasattr(getattr(aten, op), ov))
 
 
-def _is_pointwise(func) -> bool:
-    return torch.Tag.pointwise in getattr(func, "tags", ())
+def _wrap(local: torch.Tensor, spec: P, mesh, shape) -> ShardedTensor:
+    check_output(local, spec, mesh, shape)
+    return ShardedTensor(local, spec, mesh, tuple(shape))
+
+
+def _mutated(func) -> list[int]:
+    """Positions (in the schema's argument list) of the arguments ``func`` writes to."""
+    out = []
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            out.append(i)
+    return out
 
 
 def handle_dispatch(func, args, kwargs):
+    name = func._schema.name
     if func is aten._local_scalar_dense.default:
         x = args[0]
         loc = x._local
         if x.spec.unreduced:
             loc = C.all_reduce(loc, x.mesh, x.spec.unreduced)
         return loc.item()
-    if func in _LIKE:
-        x = args[0]
-        return ShardedTensor(func(x._local, *args[1:], **kwargs), x.spec.reduced(), x.mesh, x._gshape)
-    name = func._schema.name
     if name.startswith("aten::_foreach_"):
         return _foreach(func, args, kwargs)
-    flat, spec_tree = tree_flatten((args, kwargs))
+    x0 = args[0] if args else None
+    if func in _LIKE and isinstance(x0, ShardedTensor):
+        return _wrap(func(x0._local, *args[1:], **kwargs), x0.spec.reduced(), x0.mesh, x0._gshape)
+    if func in _SAME and isinstance(x0, ShardedTensor):
+        return _wrap(func(x0._local), x0.spec, x0.mesh, x0._gshape)
+    if func is aten._to_copy.default and isinstance(x0, ShardedTensor):
+        spec = x0.spec if float_cast(kwargs.get("dtype")) else x0.spec.reduced()
+        loc = operand_block(x0, spec, len(x0._gshape), x0.mesh, spec.unreduced, name)
+        return _wrap(func(loc, **kwargs), spec, x0.mesh, x0._gshape)
+    if func is aten.copy_.default:
+        return _copy(args[0], args[1], kwargs)
+    tags = func.tags
+    if _RANDOM in tags:
+        return _generic(func, args, kwargs, random=True)
+    if _POINTWISE in tags:
+        return _pointwise(func, args, kwargs)
+    return _generic(func, args, kwargs)
+
+
+def _choose_axes(sts, nd: int) -> list[tuple]:
+    """Output dims' axes: first come, first served among the operands (broadcast-aligned)."""
+    out: list[tuple] = [()] * nd
+    used: set = set()
+    for s in sts:
+        off = nd - len(s._gshape)
+        for d in range(len(s._gshape)):
+            ax = s.spec.axes_of(d)
+            if not ax or s._gshape[d] == 1 or out[off + d]:
+                continue
+            if used & set(ax):
+                continue
+            out[off + d] = ax
+            used |= set(ax)
+    return out
+
+
+def _value_operands(args, kwargs) -> list:
+    vals = [desc(a) for a in args]
+    vals += [desc(v) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    return [v for v in vals if v is not None]
+
+
+def _pointwise(func, args, kwargs):
+    name = func._schema.name
+    flat, tree = tree_flatten((args, kwargs))
     sts = [a for a in flat if isinstance(a, ShardedTensor)]
-    first = sts[0]
-    for s in sts[1:]:
-        if s.spec != first.spec or s.mesh != first.mesh or s._gshape != first._gshape:
-            raise ShardingError(f"{name}: operands have different layouts ({first.spec} {tuple(first._gshape)} vs "
-                                f"{s.spec} {tuple(s._gshape)}); reshard them to one spec first")
-    if not (func in _UNARY_SAME or func in _LINEAR or _is_pointwise(func) or func is aten.copy_.default):
-        raise ShardingError(f"no sharding rule for aten op {name} on {first.spec}; use meshpar.unshard, "
-                            "meshpar.reshard or meshpar.shard_map")
-    if first.spec.unreduced and func not in _LINEAR:
-        raise ShardingError(f"{name} is not linear, so it cannot run on an unreduced (partial-sum) tensor "
-                            f"{first.spec}; reduce it first with meshpar.reshard(x, spec_without_unreduced)")
-    for a in flat:
-        if isinstance(a, torch.Tensor) and not isinstance(a, ShardedTensor) and a.numel() != 1:
-            raise ShardingError(f"{name}: mixing a ShardedTensor {first.spec} with a plain tensor of shape "
-                                f"{tuple(a.shape)} below autograd; shard the plain tensor first")
-    local_flat = [a._local if isinstance(a, ShardedTensor) else a for a in flat]
-    largs, lkwargs = tree_unflatten(local_flat, spec_tree)
-    out = func(*largs, **lkwargs)
-    if name.endswith("_") or func is aten.copy_.default:
+    mesh = common_mesh(sts)
+    shapes = [a._gshape if isinstance(a, ShardedTensor) else a.shape for a in flat if isinstance(a, torch.Tensor)]
+    out_shape = tuple(torch.broadcast_shapes(*shapes))
+    nd = len(out_shape)
+    kind = _KIND.get(func, "no")
+    keep = keep_partial("scale" if kind == "div" else kind, _value_operands(args, kwargs), kind == "div")
+    inplace = bool(_mutated(func))
+    if inplace:
+        tgt = args[0]
+        if not isinstance(tgt, ShardedTensor) or tuple(tgt._gshape) != out_shape or (
+                tgt.spec.unreduced and tuple(tgt.spec.unreduced) != tuple(keep or ())):
+            return _generic(func, args, kwargs)
+        out_spec = tgt.spec
+    else:
+        out_spec = P.from_axes(_choose_axes(sts, nd), unreduced=keep or ())
+    keep = out_spec.unreduced
+    locs = [operand_block(a, out_spec, nd, mesh, keep, name) if isinstance(a, torch.Tensor) else a for a in flat]
+    largs, lkw = tree_unflatten(locs, tree)
+    out = func(*largs, **lkw)
+    if inplace:
         return args[0]
+    return tree_map(lambda t: _wrap(t, out_spec, mesh, out_shape) if isinstance(t, torch.Tensor) else t, out)
+
+
+def _copy(dst, src, kwargs):
+    """``dst.copy_(src)`` with ``dst`` keeping its layout (a partial ``dst`` gets the value on index 0)."""
+    name = "aten::copy_"
+    if not isinstance(dst, ShardedTensor):
+        dst.copy_(global_value(src, name), **kwargs)
+        return dst
+    nd = len(dst._gshape)
+    if isinstance(src, ShardedTensor) and src.spec.unreduced and src.spec.unreduced == dst.spec.unreduced:
+        blk = operand_block(src, dst.spec, nd, dst.mesh, dst.spec.unreduced, name)
+    else:
+        blk = operand_block(src, dst.spec.reduced(), nd, dst.mesh, (), name)
+        if dst.spec.unreduced and dst.mesh.axis_index(dst.spec.unreduced) != 0:
+            blk = torch.zeros_like(dst._local)
+    dst._local.copy_(blk, **kwargs)
+    return dst
+
+
+def _generic(func, args, kwargs, random: bool = False):
+    """Run ``func`` on global values; results replicated, mutated arguments written back in their layout."""
+    name = func._schema.name
+    flat, tree = tree_flatten((args, kwargs))
+    sts = [a for a in flat if isinstance(a, ShardedTensor)]
+    mesh = common_mesh(sts)
+    x0 = args[0] if args else None
+    overwrite = random and func in _OVERWRITE and isinstance(x0, ShardedTensor)
+    glob = []
+    for a in flat:
+        if isinstance(a, ShardedTensor):
+            if overwrite and a is x0:
+                glob.append(torch.empty(tuple(a._gshape), dtype=a.dtype, device=a._local.device))
+            else:
+                glob.append(global_value(a, name))
+        else:
+            glob.append(a)
+    gargs, gkw = tree_unflatten(glob, tree)
+    if random:
+        dev = next((g.device for g in glob if isinstance(g, torch.Tensor)), torch.device("cpu"))
+        with shared_rng(mesh, dev):
+            out = func(*gargs, **gkw)
+    else:
+        out = func(*gargs, **gkw)
+    # write back the arguments the op mutated
+    pos = {id(g): a for a, g in zip(flat, glob) if isinstance(a, ShardedTensor)}
+    written = {}
+    schema_args = func._schema.arguments
+    for i in _mutated(func):
+        an = schema_args[i].name
+        a = args[i] if i < len(args) else kwargs.get(an)
+        g = gargs[i] if i < len(gargs) else gkw.get(an)
+        if isinstance(a, ShardedTensor):
+            write_value(a, g)
+            written[id(g)] = a
+    del pos
 
     def rewrap(t):
-        if isinstance(t, torch.Tensor) and tuple(t.shape) == tuple(first._local.shape):
-            return ShardedTensor(t, first.spec, first.mesh, first._gshape)
-        return t
+        if not isinstance(t, torch.Tensor):
+            return t
+        if id(t) in written:
+            return written[id(t)]
+        if random and isinstance(x0, ShardedTensor) and tuple(t.shape) == tuple(x0._gshape):
+            spec = x0.spec.reduced()  # the random value in the input's layout: no communication
+            return _wrap(take_block(t, spec, mesh).contiguous(), spec, mesh, t.shape)
+        return _wrap(t, P(), mesh, t.shape)
     return tree_map(rewrap, out)
 
 
@@ -79,23 +220,41 @@ def _foreach(func, args, kwargs):
     name = func._schema.name
     lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
     n = len(lists[0])
-    template = lists[0]
+    linear = name in _LINEAR_FOREACH
+    for i in range(n):
+        items = [lst[i] for lst in lists]
+        sts = [t for t in items if isinstance(t, ShardedTensor)]
+        ref = sts[0] if sts else None
+        for t in items:
+            if isinstance(t, ShardedTensor):
+                if t.spec != ref.spec or t._gshape != ref._gshape or t.mesh != ref.mesh:
+                    raise ShardingError(f"{op_label(name)}: element {i} mixes layouts {ref.spec} {tuple(ref._gshape)} "
+                                        f"and {t.spec} {tuple(t._gshape)}; reshard them to one layout first")
+                if t.spec.unreduced and not linear:
+                    raise ShardingError(f"{op_label(name)} is not linear, so it cannot run on a partial sum "
+                                        f"{t.spec}; reduce it first with meshpar.reshard(x, {t.spec.reduced()})")
+            elif t.numel() != 1 or (ref is not None and ref.spec.unreduced):
+                raise ShardingError(f"{op_label(name)}: element {i} mixes a ShardedTensor {ref.spec} with a plain "
+                                    f"tensor of shape {tuple(t.shape)}; shard the plain tensor first")
+        if ref is not None and ref.spec.unreduced and any(
+                not isinstance(a, (list, tuple)) and isinstance(a, (int, float)) for a in args[1:]) and \
+                name.startswith(("aten::_foreach_add", "aten::_foreach_sub")):
+            raise ShardingError(f"{op_label(name)}: adding a number to a partial sum {ref.spec} would count it once "
+                                "per rank; reduce first")
 
     def unwrap(a):
-        if isinstance(a, ShardedTensor):
-            if a.spec.unreduced and func not in _LINEAR:
-                raise ShardingError(f"{name} on an unreduced tensor {a.spec}; reduce it first")
-            return a._local
-        return a
+        return a._local if isinstance(a, ShardedTensor) else a
     largs = tree_map(unwrap, args)
     lkwargs = tree_map(unwrap, kwargs)
     out = func(*largs, **lkwargs)
     if name.endswith("_"):
         return None
     if isinstance(out, (list, tuple)):
+        template = lists[0]
         res = []
         for i, t in enumerate(out):
             tpl = template[i]
-            res.append(ShardedTensor(t, tpl.spec.reduced(), tpl.mesh, tpl._gshape) if isinstance(tpl, ShardedTensor) else t)
+            res.append(ShardedTensor(t, tpl.spec.reduced() if not linear else tpl.spec, tpl.mesh, tpl._gshape)
+                       if isinstance(tpl, ShardedTensor) else t)
         return res
     return out
