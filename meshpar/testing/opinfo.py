@@ -77,9 +77,13 @@ def _seed(key: str) -> int:
     return zlib.crc32(key.encode()) & 0x7FFFFFFF
 
 
-def _samples(op) -> list:
+def _samples(op, limit: int = 40):
+    """The op's float64 samples, lazily (at most ``limit``), from a seed fixed by the op's key."""
     torch.manual_seed(_seed(op_key(op)))
-    return list(op.sample_inputs("cpu", torch.float64, requires_grad=op.supports_autograd))
+    for i, s in enumerate(op.sample_inputs("cpu", torch.float64, requires_grad=op.supports_autograd)):
+        if i >= limit:
+            return
+        yield s
 
 
 def _first_tensor_index(flat) -> int | None:
@@ -229,11 +233,7 @@ def run_op(op, mesh: Mesh, kinds: Sequence[str] = KINDS, systems: Sequence[str] 
     key = op_key(op)
     n = mesh.size("x")
     res: dict[str, dict] = {s: {} for s in systems}
-    try:
-        samples = _samples(op)
-    except Exception as e:  # noqa: BLE001
-        return {"op": key, "skipped": f"sample_inputs failed: {type(e).__name__}: {_short(e)}", "results": res,
-                "seconds": time.perf_counter() - t0}
+    samples = _samples(op)
     syss = [_System(s, mesh, dmesh) for s in systems]
     counts = {(s, k): 0 for s in systems for k in kinds}
     for sidx, sample in enumerate(samples):
