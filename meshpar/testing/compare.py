@@ -116,10 +116,11 @@ def partial_shares(value: torch.Tensor, spec: P, mesh: Mesh, seed: int = 0) -> t
     coefficients ``c`` summing to 1 (``1.5, -0.5, 0.25, -0.25, ...``) assigned to the members by a
     random permutation per element (``seed``; every rank draws the same, so no communication). On a
     value passed through :func:`splittable` every share and every partial sum is exact, so the blocks
-    add up to the value bit for bit: a test never confuses rounding with a wrong answer. The dense
-    reference must use ``splittable(value)`` too (:func:`compare_sharded` does).
+    add up to the value bit for bit: a test never confuses rounding with a wrong answer. The shares
+    are those of ``splittable(value)`` (applied here), so the dense reference must use
+    ``splittable(value)`` too (:func:`compare_sharded` does).
     """
-    blk = take_block(value.detach(), P(*spec.entries), mesh)
+    blk = take_block(splittable(value) if spec.unreduced else value.detach(), P(*spec.entries), mesh)
     axes = spec.unreduced
     n = mesh.size(axes) if axes else 1
     if n == 1 or not blk.is_floating_point():
