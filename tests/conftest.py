@@ -17,6 +17,7 @@ _SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filte
 settings.register_profile("ci", max_examples=30, deadline=None, database=None, print_blob=True,
                           suppress_health_check=_SUPPRESS)
 settings.register_profile("ci-fixed", max_examples=30, deadline=None, derandomize=True, suppress_health_check=_SUPPRESS)
+settings.register_profile("dev", max_examples=6, deadline=None, print_blob=True, suppress_health_check=_SUPPRESS)
 settings.register_profile("thorough", max_examples=150, deadline=None, print_blob=True, suppress_health_check=_SUPPRESS)
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 settings.load_profile(PROFILE)
