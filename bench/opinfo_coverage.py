@@ -37,24 +37,29 @@ def _run_chunk(pool: WorkerPool, names, systems, max_samples) -> list[dict]:
 
 
 def run(names, systems, max_samples: int, chunk: int, log=print, progress: Path | None = None) -> list[dict]:
-    pool = WorkerPool(world_size=2, mesh_timeout_s=30, timeout_s=240)
+    """Run the ops in chunks; after a failed collective (a desynchronized group) restart the pool and go on
+    after the op that caused it (recorded as a crash)."""
+    pool = WorkerPool(world_size=2, mesh_timeout_s=20, timeout_s=240)
     records: list[dict] = []
     t0 = time.time()
+    todo = list(names)
     try:
-        for i in range(0, len(names), chunk):
-            part = names[i:i + chunk]
+        while todo:
+            part, todo = todo[:chunk], todo[chunk:]
             try:
-                records += _run_chunk(pool, part, systems, max_samples)
-            except Exception as e:  # noqa: BLE001 - retry op by op
-                log(f"chunk {part[0]}..{part[-1]} failed ({type(e).__name__}); retrying op by op")
-                for name in part:
-                    try:
-                        records += _run_chunk(pool, [name], systems, max_samples)
-                    except Exception as e2:  # noqa: BLE001
-                        msg = f"hang or worker death: {type(e2).__name__}: {str(e2).splitlines()[0][:200]}"
-                        records.append({"op": name, "results": {s: {k: {"status": "crash", "detail": msg}
-                                                                   for k in KINDS} for s in systems}})
-            log(f"[{time.time() - t0:6.0f}s] {min(i + chunk, len(names))}/{len(names)} ops")
+                got = _run_chunk(pool, part, systems, max_samples)
+            except Exception as e:  # noqa: BLE001 - the pool died or hung: restart, blame the first op
+                pool.restart()
+                msg = f"hang or worker death: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                got = [{"op": part[0], "poisoned": True,
+                        "results": {s: {k: {"status": "crash", "detail": msg} for k in KINDS} for s in systems}}]
+            records += got
+            if got and got[-1].get("poisoned"):
+                log(f"collective failure at {got[-1]['op']}: restarting the pool")
+                pool.restart()
+                done = {r["op"] for r in got}
+                todo = [n for n in part if n not in done and n.split(".")[0] not in done] + todo
+            log(f"[{time.time() - t0:6.0f}s] {len(records)}/{len(names)} ops")
             if progress is not None:  # partial results survive an interrupted run
                 progress.write_text(json.dumps({"done": len(records), "of": len(names), "records": records}))
     finally:

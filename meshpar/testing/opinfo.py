@@ -116,12 +116,22 @@ def _call(op, flat, spec):
     return op(inp, *args, **kwargs)
 
 
+_RANDOM_WORDS = ("bernoulli", "cauchy", "exponential", "geometric", "log_normal", "normal", "uniform", "multinomial",
+                 "rand", "dropout", "rrelu")
+
+
+def is_random_op(op) -> bool:
+    """Ops that draw random numbers (OpInfo seeds them, so they look deterministic to a dense rerun)."""
+    return any(w in op.name for w in _RANDOM_WORDS) and op.name not in ("nn.functional.normalize", "masked.normalize", "native_dropout_backward",
+                                                                        "signal.windows.exponential")
+
+
 def _is_random(op, flat, spec) -> bool:
     outs = []
     for s in (1, 2):
         torch.manual_seed(s)
         with torch.no_grad():
-            o = _call(op, [t.detach() if isinstance(t, torch.Tensor) else t for t in flat], spec)
+            o = _call(op, [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in flat], spec)
         outs.append(o)
     same, _, _ = _diff(outs[0], outs[1], 0.0, 0.0)
     return not same
@@ -233,6 +243,9 @@ def run_op(op, mesh: Mesh, kinds: Sequence[str] = KINDS, systems: Sequence[str] 
     key = op_key(op)
     n = mesh.size("x")
     res: dict[str, dict] = {s: {} for s in systems}
+    if is_random_op(op):
+        return {"op": key, "skipped": "random op (not compared with dense)", "results": res,
+                "seconds": time.perf_counter() - t0}
     samples = _samples(op)
     syss = [_System(s, mesh, dmesh) for s in systems]
     counts = {(s, k): 0 for s in systems for k in kinds}
@@ -310,19 +323,44 @@ def run_ops(mesh: Mesh, names: Sequence[str] | None = None, kinds: Sequence[str]
     out = []
     for op in load_ops(names):
         try:
-            out.append(run_op(op, mesh, kinds, systems, max_samples, dmesh=dmesh))
+            rec = run_op(op, mesh, kinds, systems, max_samples, dmesh=dmesh)
         except Exception as e:  # noqa: BLE001 - a harness failure on one op must not hide the others
-            out.append({"op": op_key(op), "skipped": f"harness error: {type(e).__name__}: {_short(e)}\n"
-                                                     f"{traceback.format_exc()[-800:]}", "results": {}})
+            rec = {"op": op_key(op), "skipped": f"harness error: {type(e).__name__}: {_short(e)}\n"
+                                                f"{traceback.format_exc()[-800:]}", "results": {}}
+        out.append(rec)
+        if _poisoned(rec):
+            # a collective failed (a rank raised where another went on): the group is out of step,
+            # so stop here; the caller restarts the processes before running further ops
+            rec["poisoned"] = True
+            break
     return out
+
+
+_COMM_FAILURE = ("CollectiveTimeout", "pair closure", "Connection closed", "Connection reset", "timed out",
+                 "Timed out")
+
+
+def _poisoned(record: dict) -> bool:
+    """True when a result shows a failed collective: the process group may be out of step after it."""
+    for by_kind in record.get("results", {}).values():
+        for v in by_kind.values():
+            if any(w in v.get("detail", "") for w in _COMM_FAILURE):
+                return True
+    return False
 
 
 def merge_ranks(per_rank: Sequence[list[dict]]) -> list[dict]:
     """One record per op from every rank's records: the worst status over ranks (ranks compare
     the same global result, so they should agree; a disagreement is itself reported)."""
     merged = []
+    if len({len(p) for p in per_rank}) > 1:  # one rank stopped early (a failed collective): so do all
+        n = min(len(p) for p in per_rank)
+        per_rank = [list(p[:n - 1]) + [dict(p[n - 1], poisoned=True)] if i == 0 else list(p[:n])
+                    for i, p in enumerate(per_rank)]
     for recs in zip(*per_rank):
         base = {"op": recs[0]["op"], "results": {}, "seconds": max(r.get("seconds", 0.0) for r in recs)}
+        if any(r.get("poisoned") for r in recs):
+            base["poisoned"] = True
         if any("skipped" in r for r in recs):
             base["skipped"] = next(r["skipped"] for r in recs if "skipped" in r)
         for system, by_kind in recs[0].get("results", {}).items():
