@@ -225,15 +225,14 @@ def test_harness_tells_pass_refuse_wrong_crash(pool):
 def test_strategies_draw_every_kind():
     """The strategies reach every spec kind and operand kind (so the properties above search them)."""
     from hypothesis import find, settings
-    found_spec = set()
-    for kind, pred in {"zigzag": lambda s: any(isinstance(e, Zigzag) for e in s),
-                       "tuple": lambda s: any(isinstance(e, tuple) for e in s),
-                       "partial": lambda s: bool(s.unreduced), "replicated": lambda s: s == P(),
-                       "split": lambda s: any(isinstance(e, str) for e in s)}.items():
-        find(mst.binary_operands(max_ranks=4), lambda c, p=pred: isinstance(c.a, Sharded) and p(c.a.spec),
-             settings=settings(max_examples=2000, database=None))
-        found_spec.add(kind)
+    names, sizes, shape = ("x", "y"), {"x": 2, "y": 2}, (4, 8)
+    preds = {"zigzag": lambda s: any(isinstance(e, Zigzag) for e in s),
+             "tuple": lambda s: any(isinstance(e, tuple) for e in s),
+             "partial": lambda s: bool(s.unreduced), "replicated": lambda s: s == P(),
+             "split": lambda s: any(type(e) is str for e in s)}
+    quick = settings(max_examples=300, database=None)
+    for kind, pred in preds.items():
+        find(mst.specs(names, sizes, shape), pred, settings=quick)
     for kind in mst.OPERAND_KINDS:
-        find(mst.binary_operands(max_ranks=4), lambda c, k=kind: c.kinds[1] == k,
-             settings=settings(max_examples=500, database=None))
-    assert found_spec == set(mst.SPEC_KINDS)
+        find(mst.operand(names, sizes, shape), lambda o, k=kind: o[0] == k, settings=quick)
+    assert set(preds) == set(mst.SPEC_KINDS)
