@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--max-samples", type=int, default=2, help="samples per (op, kind), first applicable ones")
     ap.add_argument("--chunk", type=int, default=25, help="ops per pool call")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--update", default="", help="a full-run JSON: re-run --ops and replace their records in it")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     systems = tuple(s for s in args.systems.split(",") if s)
@@ -112,6 +113,19 @@ def main() -> None:
     summary = summarize(records, systems)
     tag = "smoke" if args.smoke else ("everyday" if args.everyday else ("ops" if args.ops else "full"))
     (out / "opinfo_coverage.partial.json").unlink(missing_ok=True)
+    if args.update:
+        old = json.loads(Path(args.update).read_text())
+        fresh = {r["op"]: r for r in records}
+        records = [fresh.pop(r["op"], r) for r in old["records"]] + list(fresh.values())
+        old["meta"].setdefault("rerun", []).append({"date": date, "ops": sorted(r["op"] for r in fresh.values()) or
+                                                   names, "seconds": seconds})
+        summary = summarize(records, systems)
+        Path(args.update).write_text(json.dumps({"meta": old["meta"], "summary": summary, "records": records},
+                                                indent=1))
+        md = markdown(summary, records, systems, old["meta"]["date"], old["meta"]["seconds"])
+        Path(args.update).with_suffix(".md").write_text(md)
+        print(md)
+        return
     stem = out / f"opinfo_coverage-{tag}-{date}"
     meta = {"date": date, "where": "CPU, 2 gloo ranks", "dtype": "float64", "max_samples": args.max_samples,
             "kinds": list(KINDS), "systems": list(systems), "seconds": seconds, "ops": len(records)}

@@ -127,8 +127,14 @@ def partial_shares(value: torch.Tensor, spec: P, mesh: Mesh, seed: int = 0) -> t
         return blk.clone()
     gen = torch.Generator().manual_seed(seed)
     perm = torch.argsort(torch.rand((n, blk.numel()), generator=gen), dim=0)     # [n, numel]
-    coef = torch.tensor(_share_coefficients(n), dtype=blk.dtype)[perm[mesh.axis_index(axes)]]
-    return (blk.reshape(-1) * coef).reshape(blk.shape).contiguous()
+    me = mesh.axis_index(axes)
+    flat = blk.reshape(-1)
+    share = flat * torch.tensor(_share_coefficients(n), dtype=blk.dtype)[perm[me]]
+    # inf/nan cannot be split (inf - inf is nan): member 0 holds them whole, the others zero
+    fin = torch.isfinite(flat)
+    if not bool(fin.all()):
+        share = torch.where(fin, share, flat if me == 0 else torch.zeros_like(flat))
+    return share.reshape(blk.shape).contiguous()
 
 
 def _to_global(x):

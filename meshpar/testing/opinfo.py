@@ -366,7 +366,8 @@ def merge_ranks(per_rank: Sequence[list[dict]]) -> list[dict]:
         for system, by_kind in recs[0].get("results", {}).items():
             base["results"][system] = {}
             for kind in by_kind:
-                cands = [r["results"][system][kind] for r in recs if system in r.get("results", {})]
+                cands = [r.get("results", {}).get(system, {}).get(kind) or
+                         {"status": "crash", "detail": r.get("skipped", "no result on this rank")} for r in recs]
                 worst = max(cands, key=lambda c: _WORST.get(c["status"], -1))
                 worst = dict(worst)
                 if len({c["status"] for c in cands}) > 1:
