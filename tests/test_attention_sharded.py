@@ -100,7 +100,7 @@ def _bad_rule(mesh, case):
         v = x
     elif case == "mixed_layouts":  # a zigzag q with contiguous k/v: never computed silently
         q = mp.shard(x, P(None, None, mp.Zigzag("sp"), None), mesh)
-    with CommCounter() as c:
+    with CommCounter() as c, mp.strict():  # by default these would be resharded implicitly
         try:
             F.scaled_dot_product_attention(q, k, v, **kw)
         except ShardingError as e:

@@ -178,12 +178,14 @@ def _bad_plans(mesh):
 
 
 def _bad_3d_weight(mesh):
+    from meshpar import strict as meshpar_strict
     from meshpar.nn.functional import linear
     from meshpar.sharding import P, shard
     x = shard(torch.zeros(4, 2, 8, dtype=torch.float64), P(("i", "j"), None, "k"), mesh)
     w = shard(torch.zeros(8, 8, dtype=torch.float64), P(("j", "i"), "k"), mesh)  # in-dim split over (j,i), not k
     try:
-        linear(x, w)
+        with meshpar_strict():  # by default the layouts would be resharded implicitly
+            linear(x, w)
     except ShardingError as e:
         return str(e)
     return None

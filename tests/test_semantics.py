@@ -89,6 +89,9 @@ CASES = {
     "repl_next_to_split": (lambda a, b: a + b[:, 0], P("x", "y"), P(), True),
     "softmax_split": (lambda a, b: a.softmax(1), P("x", "y"), P(), True),
     "log_softmax_split": (lambda a, b: F.log_softmax(a, 0), P("x"), P(), True),
+    "zigzag_cumsum": (lambda a, b: a.cumsum(0), P(mp.Zigzag("x")), P(), True),
+    "zigzag_plus_contiguous": (lambda a, b: a + (mp.reshard(a * 1.0, P("x")) if isinstance(a, mp.ShardedTensor) else a) * 2, P(mp.Zigzag("x")), P(), True),
+    "zigzag_partial_plus_one": (lambda a, b: a.sum(0) + 1, P(mp.Zigzag("x")), P(), True),
     "cross_entropy_plain": (lambda a, b: F.cross_entropy(a, torch.arange(8) % 6), P("x"), P(), True),
 }
 
@@ -100,7 +103,7 @@ def _run_case(mesh, name, world_names):
         ents = []
         for e in spec.entries:
             ax = (e,) if isinstance(e, str) else (e or ())
-            ax = tuple(a for a in ax if a in mesh.names)
+            ax = tuple(a for a in ax if str.__str__(a) in mesh.names)
             ents.append(ax or None)
         return P(*ents)
     sa, sb = fit(sa), fit(sb)

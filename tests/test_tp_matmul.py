@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from meshpar.errors import ShardingError
+from meshpar import strict as mp_strict
 from meshpar.mesh import CommCounter
 from meshpar.sharding.api import shard, unshard
 from meshpar.sharding.spec import P
@@ -159,7 +160,7 @@ def test_batched_attention_layouts(pool, seed, b, heads, s, d, case):
 def _bad(mesh, xshape, xspec, wshape, wspec):
     x = shard(torch.zeros(xshape, dtype=torch.float64), P(*xspec), mesh)
     w = shard(torch.zeros(wshape, dtype=torch.float64), P(*wspec), mesh)
-    with CommCounter() as c:
+    with CommCounter() as c, mp_strict():  # by default the layouts would be resharded implicitly
         try:
             x @ w
         except ShardingError as e:

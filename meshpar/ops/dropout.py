@@ -12,8 +12,9 @@ The hash is murmur3's 32-bit finaliser applied coordinate by coordinate, compute
 with no overflow (32x32-bit products are split into 16-bit halves).
 
 ``F.dropout`` on a ShardedTensor is routed here too (registered with the dispatcher); with no
-explicit seed it draws one from torch's default generator, so every rank must be seeded alike
-(``torch.manual_seed``). Prefer :func:`dropout` with an explicit ``seed``.
+explicit seed it draws one from the mesh's shared random stream (after ``meshpar.manual_seed``)
+or else from torch's default generator (so ranks must then be seeded alike). Prefer :func:`dropout`
+with an explicit ``seed`` for reproducible masks.
 """
 from __future__ import annotations
 
@@ -133,5 +134,6 @@ def _dropout_rule(func, args, kwargs):
     p, training = float(a.get("p", 0.5)), bool(a.get("training", True))
     if not training or p == 0.0:
         return x
-    seed = int(torch.randint(0, 2**62, (1,)).item())
+    from ..sharding.generic import next_seed
+    seed = next_seed(x.mesh)  # the mesh's shared stream: every rank draws the same seed
     return dropout(x, p, seed=seed, train=True)

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from ..errors import ShardingError
 import functools
 
-from ..sharding.core import apply_plan, local_in, meta, operand_plan, reduce_unreduced, wrap
-from ..sharding.dispatch import FAST, register, signature
+from ..sharding.core import _Wrap, apply_plan, local_in, meta, operand_plan, reduce_unreduced, wrap
+from ..sharding.dispatch import FAST, FAST_GRAD, register, signature
 from ..sharding.semantics import desc, float_cast, keep_partial
 from ..sharding.spec import P, base_axis
 from ..sharding.tensor import ShardedTensor, blockwise_exec, layout, new_sharded
@@ -146,6 +146,41 @@ def blockwise_executor(func, plans, out_spec: P, out_shape, mesh):
     return run
 
 
+def _same_layout(metas) -> bool:
+    """Every tensor operand a ShardedTensor of one spec and one global shape (scalars aside)."""
+    ts = [m for m in metas if m is not None]
+    return bool(ts) and all(m[0] == "S" and m[1] == ts[0][1] and m[2] == ts[0][2] for m in ts)
+
+
+# calls that keep their __torch_function__ rule under autograd (their aten forms differ in semantics or cost)
+_RULE_ONLY = frozenset({T.detach, torch.detach, T.cpu, T.cuda, T.to, T.type, T.pin_memory})
+
+
+def _via_aten_exec(func):
+    def run(args, kw):
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kw) if kw else func(*args)
+    return run
+
+
+def grad_executor(func, plans, out_spec: P, out_shape, mesh):
+    """The grad-mode executor of a planned blockwise call (no keywords, no reduction): operands enter
+    autograd per their plans (free slices, gradient sums over broadcast axes), ``func`` runs on the
+    blocks, and the result is wrapped with one autograd node (none when nothing requires grad)."""
+    lay = layout(out_spec, out_shape, mesh)
+    spec, shape = lay.spec, lay.shape
+
+    def run(args, kw):
+        out = func(*[a if p is None else apply_plan(a, p, mesh) for a, p in zip(args, plans)])
+        if out.requires_grad and torch.is_grad_enabled():
+            w = _Wrap.apply(out, spec, mesh, shape)
+            w._lg = out
+            w._lgv = w.grad_fn
+            return w
+        return new_sharded(out, lay)
+    return run
+
+
 def elementwise(func, args: tuple, kwargs: dict, *, linear: str = "no"):
     """Run ``func`` blockwise. ``linear`` (the linearity table's kind, see :mod:`meshpar.sharding.semantics`):
     "add" (sum of operands), "scale" (linear in one operand), "linear" (one operand), "no"."""
@@ -156,8 +191,17 @@ def elementwise(func, args: tuple, kwargs: dict, *, linear: str = "no"):
     values = tuple(d for d in map(desc, args) if d is not None) + tuple(
         desc(v) for v in kwargs.values() if isinstance(v, torch.Tensor))
     reduce, out_spec, out_shape, plans = _plan(func, metas, linear, values)
-    if not torch.is_grad_enabled() and not any(reduce) and not kwargs:
-        FAST.remember(signature(func, args, kwargs), blockwise_executor(func, plans, out_spec, out_shape, mesh))
+    if not any(reduce) and not kwargs:
+        if not torch.is_grad_enabled():
+            FAST.remember(signature(func, args, kwargs), blockwise_executor(func, plans, out_spec, out_shape, mesh))
+        elif _same_layout(metas) and func not in _RULE_ONLY:
+            # same layout, no broadcasting: the op runs below autograd (a C++ autograd node, the blocks
+            # through __torch_dispatch__), as do its backward's pointwise ops
+            ex = _via_aten_exec(func)
+            FAST_GRAD.remember(signature(func, args, kwargs), ex)
+            return ex(args, kwargs)
+        else:
+            FAST_GRAD.remember(signature(func, args, kwargs), grad_executor(func, plans, out_spec, out_shape, mesh))
     locs = []
     for v, r, p in zip(vals, reduce, plans):
         if r:
@@ -212,6 +256,31 @@ def _unary(func, args, kwargs):
     return elementwise(func, args, kwargs, linear=linear)
 
 
+def keep_grad_layout(leaf: ShardedTensor) -> None:
+    """Give a leaf's gradient the leaf's layout (fully reduced) before it is accumulated into ``.grad``.
+
+    Gradients that come through the exact aten fallback may arrive replicated (``P()``) or in
+    another layout; optimizers and ZeRO read ``.grad``'s block as the parameter's block, so it is
+    resharded here (a free slice from ``P()``). Registered once per leaf."""
+    if getattr(leaf, "_meshpar_grad_hook", False):
+        return
+    spec, mesh, shape = leaf.spec.reduced(), leaf.mesh, leaf._gshape
+    holder = [leaf]  # a strong reference: weak references would block nn.Module._apply's tensor swap
+
+    def hook(g):
+        defer = tuple(getattr(holder[0], "_meshpar_defer_reduce", ()) or ())
+        if isinstance(g, ShardedTensor):
+            if g.spec == spec or (defer and g.spec.reduced() == spec and set(g.spec.unreduced) <= set(defer)):
+                return g
+            from ..sharding.generic import block_as
+            with torch.no_grad():
+                return ShardedTensor(block_as(g, spec, "gradient"), spec, mesh, shape)
+        from ..sharding.layout import take_block
+        return ShardedTensor(take_block(g, spec, mesh).contiguous(), spec, mesh, shape)
+    leaf.register_hook(hook)
+    leaf._meshpar_grad_hook = True
+
+
 _SCALE_INPLACE = frozenset({T.mul_, T.div_, T.__imul__, T.__itruediv__})
 _ADD_INPLACE = frozenset({T.add_, T.sub_, T.__iadd__, T.__isub__})
 
@@ -238,7 +307,10 @@ def _inplace(func, args, kwargs):
     target = args[0]
     if func is T.requires_grad_:
         with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+        if isinstance(target, ShardedTensor) and target.requires_grad and target.is_leaf:
+            keep_grad_layout(target)
+        return out
     if not isinstance(target, ShardedTensor):
         return NotImplemented
     if torch.is_grad_enabled() and (target.requires_grad or any(

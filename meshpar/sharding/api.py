@@ -8,10 +8,36 @@ import torch
 from ..errors import ShardingError
 from ..mesh import Mesh, current_mesh
 from .core import enter, slice_block, wrap
+from .semantics import debug_enabled
 from .layout import local_shape, take_block, validate
 from .reshard import plan, run_steps
 from .spec import P
 from .tensor import ShardedTensor
+
+
+def check_replicated(block: torch.Tensor, spec: P, mesh: Mesh, what: str) -> None:
+    """Debug mode: raise when ranks disagree on a block that ``spec`` says is replicated.
+
+    One small all-reduce (max and -min of a 3-number checksum) over the mesh axes ``spec`` does
+    not use; the block's values are not moved."""
+    rep = tuple(a for a in mesh.names if a not in spec.used_axes() and mesh.size(a) > 1)
+    if not rep:
+        return
+    from ..mesh import collectives as C
+    with torch.no_grad():
+        b = block.detach().reshape(-1).to(torch.float64)
+        w = torch.arange(1, b.numel() + 1, dtype=torch.float64, device=b.device).remainder_(97.0).add_(1.0)
+        cs = torch.stack([b.nan_to_num(0.0).sum(), (b.nan_to_num(0.0) * w).sum(), b.isnan().sum().to(torch.float64)])
+        both = torch.cat([cs, -cs])
+        red = C.all_reduce(both, mesh, rep, op="max")
+    hi, lo = red[:3], -red[3:]
+    tol = 1e-6 * float(cs.abs().max().cpu()) + 1e-12 if block.dtype.is_floating_point else 0.0
+    if bool(((hi - lo).abs() > tol).any()):
+        raise ShardingError(
+            f"{what}: the block differs across ranks of mesh axes {rep}, but spec {spec} says it is replicated "
+            f"over them (debug check; checksums {hi.tolist()} vs {lo.tolist()}). Give every rank the same value "
+            f"(e.g. the same seed or a broadcast), or name the axes in the spec (e.g. a batch dim split over "
+            f"{rep[0]!r}), or use an unreduced spec for partial sums")
 
 
 def _as_spec(spec) -> P:
@@ -45,10 +71,14 @@ def shard(x: torch.Tensor, spec: P, mesh: Mesh | None = None) -> ShardedTensor:
         loc = x
         for d in range(x.ndim):
             loc = slice_block(loc, mesh, spec.axes_of(d), d)
+        if debug_enabled():
+            check_replicated(loc, spec, mesh, "shard")
         return wrap(loc, spec, mesh, x.shape)
     loc = take_block(x, spec, mesh)
     if (loc._is_view() and loc.numel() != x.numel()) or not loc.is_contiguous():
         loc = loc.clone(memory_format=torch.contiguous_format)
+    if debug_enabled():
+        check_replicated(loc, spec, mesh, "shard")
     return ShardedTensor(loc, spec, mesh, x.shape)
 
 
@@ -71,6 +101,8 @@ def from_local(block: torch.Tensor, spec: P, mesh: Mesh | None = None,
                                 f"{tuple(shape)} under {spec} (expected {local_shape(shape, spec, mesh)})")
         gshape = tuple(shape)
     validate(gshape, spec, mesh, "from_local")
+    if debug_enabled():
+        check_replicated(block, spec, mesh, "from_local")
     return wrap(block, spec, mesh, gshape)
 
 

@@ -69,11 +69,37 @@ def grad_block(g, spec: P, mesh: Mesh, shape) -> torch.Tensor:
 
 
 def enter(x: ShardedTensor, vary: Iterable[str] = ()) -> torch.Tensor:
-    """``x``'s block as a plain tensor in the autograd graph; backward sums its gradient over ``vary``."""
+    """``x``'s block as a plain tensor in the autograd graph; backward sums its gradient over ``vary``.
+
+    At most one autograd node per op: a result of :func:`wrap` keeps its graph-connected block
+    (``_lg``), which the next op uses directly (no node) while the wrapper's ``grad_fn`` is still the
+    one ``wrap`` made (an in-place op replaces it), its storage is the same, and nobody
+    watches the wrapper's own gradient (hooks, ``retain_grad``); a leaf keeps its entered block per
+    ``vary`` (the node saves no tensors, so it serves every forward) until its block is updated in place.
+    """
     if not torch.is_grad_enabled() or not x.requires_grad:
         return x._local
-    vary = tuple(a for a in vary if x.mesh.size(a) > 1)
-    return _Enter.apply(x, vary)
+    mesh = x.mesh
+    vary = tuple(a for a in vary if mesh.size(a) > 1)
+    loc = x._local
+    if not vary:
+        lg = x._lg
+        if lg is not None and x.grad_fn is x._lgv and loc.data_ptr() == lg.data_ptr() \
+                and not x._backward_hooks and not x.retains_grad:
+            return lg
+    if x.grad_fn is None:  # a leaf
+        ent = x._ent
+        defer = getattr(x, "_meshpar_defer_reduce", ())
+        # the entered block is a view of ``_local``: an in-place update (an optimizer step) invalidates it
+        key = (vary, tuple(defer or ()), loc.data_ptr(), loc._version, loc.numel(), loc.dtype, loc.device)
+        if ent is not None and ent[0] == key:
+            return ent[1]
+        with torch._C.DisableTorchFunctionSubclass():
+            out = _Enter.apply(x, vary)
+        x._ent = (key, out)
+        return out
+    with torch._C.DisableTorchFunctionSubclass():
+        return _Enter.apply(x, vary)
 
 
 def wrap(local: torch.Tensor, spec: P, mesh: Mesh, shape: Sequence[int]) -> ShardedTensor:
@@ -81,7 +107,10 @@ def wrap(local: torch.Tensor, spec: P, mesh: Mesh, shape: Sequence[int]) -> Shar
     shape = tuple(int(s) for s in shape)
     check_output(local, spec, mesh, shape)
     if torch.is_grad_enabled() and local.requires_grad:
-        return _Wrap.apply(local, spec, mesh, shape)
+        out = _Wrap.apply(local, spec, mesh, shape)
+        out._lg = local
+        out._lgv = out.grad_fn  # an in-place op recorded on the wrapper replaces it: _lg is then stale
+        return out
     return ShardedTensor(local, spec, mesh, shape)
 
 

@@ -18,7 +18,7 @@ import torch
 from ..errors import ShardingError
 from ..mesh.collectives import _CURRENT_OP as _OP
 from .semantics import USER_OP, is_strict
-from .tensor import _FAST, ShardedTensor, fast_key, layout, local_fn_exec, same_call_exec
+from .tensor import _FAST, _FAST_GRAD, ShardedTensor, fast_key, layout, local_fn_exec, same_call_exec
 
 Rule = Callable[[Callable, tuple, dict], Any]
 
@@ -101,6 +101,7 @@ class FastPaths:
 
 
 FAST = FastPaths(_FAST)
+FAST_GRAD = FastPaths(_FAST_GRAD)
 signature = fast_key  # the key rules remember under is the key the hot path looks up
 
 
@@ -114,7 +115,7 @@ def handle_torch_function(func: Callable, args: tuple, kwargs: dict):
     ``ShardedTensor.__torch_function__``.
     """
     rules = REGISTRY.rules_for(func)
-    utok = USER_OP.set(_user_name(func))
+    utok = USER_OP.set(func)
     try:
         if rules:
             tok = _OP.set(getattr(func, "__name__", "op"))
@@ -133,20 +134,6 @@ def handle_torch_function(func: Callable, args: tuple, kwargs: dict):
         return _via_aten(func, args, kwargs, None)
     finally:
         USER_OP.reset(utok)
-
-
-def _user_name(func) -> str:
-    """The op as the user wrote it: ``torch.cumsum``, ``Tensor.add_``, ``F.pad``."""
-    name = getattr(func, "__name__", None) or repr(func)
-    mod = getattr(func, "__module__", None) or ""
-    qual = getattr(func, "__qualname__", "") or ""
-    if mod.startswith("torch.nn.functional"):
-        return f"F.{name}"
-    if qual.startswith(("Tensor.", "TensorBase.", "_TensorBase.")) or "Tensor" in qual.split(".")[0]:
-        return f"Tensor.{name}"
-    if mod == "torch" or mod.startswith("torch._C") or mod.startswith("torch.functional"):
-        return f"torch.{name}"
-    return name
 
 
 def _via_aten(func, args, kwargs, refusal: ShardingError | None):

@@ -29,7 +29,7 @@ from .generic import common_mesh, global_value, operand_block, shared_rng, value
 from .layout import take_block
 from .semantics import check_output, desc, float_cast, keep_partial, op_label
 from .spec import P
-from .tensor import ShardedTensor
+from .tensor import _FAST_ATEN, ShardedTensor, fast_key, layout, new_sharded
 
 aten = torch.ops.aten
 _POINTWISE = torch.Tag.pointwise
@@ -143,11 +143,27 @@ def _pointwise(func, args, kwargs):
         out_spec = P.from_axes(_choose_axes(sts, nd), unreduced=keep or ())
     keep = out_spec.unreduced
     locs = [operand_block(a, out_spec, nd, mesh, keep, name) if isinstance(a, torch.Tensor) else a for a in flat]
+    if not inplace and all(loc is a._local for a, loc in zip(flat, locs) if isinstance(a, ShardedTensor)) and \
+            len(_FAST_ATEN) < 16384:
+        key = fast_key(func, args, kwargs)  # None when a plain tensor takes part
+        if key is not None:
+            _FAST_ATEN[key] = _blockwise_exec(func, layout(out_spec, out_shape, mesh))
     largs, lkw = tree_unflatten(locs, tree)
     out = func(*largs, **lkw)
     if inplace:
         return args[0]
     return tree_map(lambda t: _wrap(t, out_spec, mesh, out_shape) if isinstance(t, torch.Tensor) else t, out)
+
+
+def _blockwise_exec(func, lay):
+    """Memoised below-autograd executor: ``func`` on the operands' blocks as they are, results laid out as ``lay``."""
+    def ex(args, kwargs):
+        largs = [a._local if type(a) is ShardedTensor else a for a in args]
+        out = func(*largs, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            return new_sharded(out, lay)
+        return tree_map(lambda t: new_sharded(t, lay) if isinstance(t, torch.Tensor) else t, out)
+    return ex
 
 
 def _copy(dst, src, kwargs):

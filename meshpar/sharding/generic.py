@@ -97,35 +97,28 @@ def common_mesh(sts: Sequence[ShardedTensor]) -> Mesh:
 
 
 # ---------------------------------------------------------------------------- random stream
-def _mesh_rng(mesh: Mesh) -> list:
-    """The mesh's shared random stream ``[seed, counter]``: identical on every rank of the mesh.
-
-    Seeded by :func:`manual_seed`; otherwise on first use from rank 0's ``torch.initial_seed()``
-    (one broadcast over the whole mesh, the only collective the stream ever needs)."""
-    st = getattr(mesh, "_rng_state", None)
-    if st is None:
-        seed = torch.tensor([torch.initial_seed() & ((1 << 62) - 1)], dtype=torch.int64)
-        if mesh.size(mesh.names) > 1:
-            seed = C.broadcast(seed, mesh, mesh.names, 0)
-        st = [int(seed.item()), 0]
-        mesh._rng_state = st
-    return st
-
-
 def manual_seed(seed: int, mesh: Mesh | None = None) -> None:
     """Seed the shared random stream of ``mesh`` (default: the current mesh). Call it on every rank
-    with the same ``seed``: random ops on ShardedTensors then draw the same global values as a dense
-    ``torch.manual_seed``-free stream would, for every layout."""
+    with the same ``seed``: random ops on ShardedTensors (``rand_like``, ``uniform_``, ``bernoulli``,
+    ``F.dropout``, ...) then draw the same global values on every rank, for every layout, however
+    torch's own generators were seeded on each rank."""
     from ..mesh import current_mesh
     mesh = current_mesh(mesh)
     mesh._rng_state = [int(seed), 0]
 
 
 def next_seed(mesh: Mesh) -> int:
-    """The seed of the next random op (the counter advances identically on every rank)."""
-    st = _mesh_rng(mesh)
+    """The seed of the next random op on ``mesh``, equal on every rank.
+
+    After :func:`manual_seed`: a counter-based stream owned by the mesh (advanced identically on
+    every rank, no communication). Without it: one draw from torch's default generator, which is
+    equal on every rank when the ranks were seeded alike (torch's default seed is fixed, or call
+    ``torch.manual_seed(s)`` with the same ``s`` everywhere)."""
+    st = getattr(mesh, "_rng_state", None)
+    if st is None:
+        return int(torch.randint(0, 2**62, (1,)).item())
     st[1] += 1
-    return (st[0] * 1_000_003 + st[1]) & ((1 << 62) - 1)
+    return (st[0] * 1_000_003 + st[1] * 7_919) & ((1 << 62) - 1)
 
 
 @contextlib.contextmanager

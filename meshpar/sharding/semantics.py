@@ -38,8 +38,24 @@ from .spec import P
 
 _STRICT: contextvars.ContextVar[bool] = contextvars.ContextVar("meshpar_strict", default=False)
 _DEBUG: contextvars.ContextVar[bool | None] = contextvars.ContextVar("meshpar_debug", default=None)
-# the op as the user wrote it (set by the __torch_function__ handler), for messages
-USER_OP: contextvars.ContextVar[str | None] = contextvars.ContextVar("meshpar_user_op", default=None)
+# the torch callable the user called (set by the __torch_function__ handler), for messages
+USER_OP: contextvars.ContextVar = contextvars.ContextVar("meshpar_user_op", default=None)
+
+
+def user_name(func) -> str:
+    """The op as the user wrote it: ``torch.cumsum``, ``Tensor.add_``, ``F.pad``."""
+    if func is None or isinstance(func, str):
+        return func
+    name = getattr(func, "__name__", None) or repr(func)
+    mod = getattr(func, "__module__", None) or ""
+    qual = getattr(func, "__qualname__", "") or ""
+    if mod.startswith("torch.nn.functional"):
+        return f"F.{name}"
+    if qual.startswith(("Tensor.", "TensorBase.", "_TensorBase.")) or "Tensor" in qual.split(".")[0]:
+        return f"Tensor.{name}"
+    if mod == "torch" or mod.startswith("torch._C") or mod.startswith("torch.functional"):
+        return f"torch.{name}"
+    return name
 
 
 @contextlib.contextmanager
@@ -75,7 +91,7 @@ def debug_enabled() -> bool:
 
 def op_label(fallback: str) -> str:
     """The op as the user wrote it (with the aten op when different), for messages."""
-    user = USER_OP.get()
+    user = user_name(USER_OP.get())
     if user and user != fallback:
         return f"{user} ({fallback})"
     return user or fallback

@@ -100,6 +100,10 @@ def new_sharded(local: torch.Tensor, lay: Layout) -> "ShardedTensor":
 # :func:`fast_key`. Pure memoisation: an entry is a function of its key only. Owned (and bounded)
 # by :class:`meshpar.sharding.dispatch.FastPaths`; defined here so the hot path needs no import.
 _FAST: dict = {}
+# the same for grad mode: executors that enter/wrap through autograd (one node per op at most)
+_FAST_GRAD: dict = {}
+# the same below autograd (__torch_dispatch__): aten calls whose blocks need no moves
+_FAST_ATEN: dict = {}
 _SCALARS = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
                       torch.layout})
 _INT_SEQS = frozenset({tuple, list, torch.Size})
@@ -251,6 +255,10 @@ class ShardedTensor(torch.Tensor):
 
     # slots: attribute stores and loads on the hot path cost a third of instance-dict ones
     __slots__ = ("_local", "spec", "mesh", "_gshape", "_lay")
+    # autograd helpers of meshpar.sharding.core.enter (instance values only where set)
+    _lg = None    # the graph-connected block of an op result (wrap)
+    _lgv = None   # the wrapper's grad_fn when _lg was recorded
+    _ent = None   # a leaf's entered block: (key, tensor)
 
     @staticmethod
     def __new__(cls, local: torch.Tensor, spec: P, mesh: Mesh, shape: Sequence[int], requires_grad: bool = False):
@@ -268,19 +276,37 @@ class ShardedTensor(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if not _grad_enabled():
-            # fast path: a memoised executor for exactly this (op, layouts, arguments)
-            key = fast_key(func, args, kwargs)
-            if key is not None:
-                ex = _FAST.get(key)
-                if ex is not None:
-                    return ex(args, kwargs)
+        if func in _GETTERS:  # autograd bookkeeping attributes: no layout involved
+            with _DisableTF():
+                return func(*args)
+        # fast path: a memoised executor for exactly this (op, layouts, arguments), one table per grad mode
+        key = fast_key(func, args, kwargs)
+        if key is not None:
+            ex = (_FAST if not _grad_enabled() else _FAST_GRAD).get(key)
+            if ex is not None:
+                return ex(args, kwargs)
         return _HANDLER[0](func, args, kwargs or {})
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        key = fast_key(func, args, kwargs)
+        if key is not None:
+            ex = _FAST_ATEN.get(key)
+            if ex is not None:
+                return ex(args, kwargs)
         from .fallback import handle_dispatch
         return handle_dispatch(func, args, kwargs or {})
+
+    # traceable wrapper subclass protocol: nn.Module._apply (``.to``, ``.double()``, ``.cuda()``) swaps
+    # ShardedTensor parameters for their converted copies instead of ``.data =`` (which would keep the
+    # old block); torch.compile uses the same protocol.
+    def __tensor_flatten__(self):
+        return ["_local"], (self.spec, self.mesh, tuple(self._gshape))
+
+    @staticmethod
+    def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
+        spec, mesh, shape = ctx
+        return ShardedTensor(inner["_local"], spec, mesh, shape)
 
     @property
     def local(self) -> torch.Tensor:
@@ -296,6 +322,13 @@ class ShardedTensor(torch.Tensor):
         return (f"ShardedTensor(shape={tuple(self._gshape)}, spec={self.spec}, mesh={self.mesh}, "
                 f"dtype={self.dtype}{grad}, local={self._local!r})")
 
+
+_T = torch.Tensor
+# attribute getters that only read autograd/dtype bookkeeping of the wrapper
+_GETTERS = frozenset(getattr(_T, n).__get__ for n in (
+    "requires_grad", "grad_fn", "is_leaf", "retains_grad", "_backward_hooks", "grad", "dtype", "device",
+    "_version", "is_cuda", "layout", "_base") if hasattr(_T, n))
+_DisableTF = torch._C.DisableTorchFunctionSubclass
 
 # filled by meshpar.sharding.dispatch at import (breaks the import cycle tensor <-> dispatch)
 _HANDLER: list = [None]

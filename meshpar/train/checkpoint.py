@@ -57,7 +57,10 @@ class Block:
 
 
 def as_block(t: torch.Tensor | Block) -> Block:
-    """A :class:`Block` for a ShardedTensor (its local block), a Block, or a plain (full) tensor."""
+    """A :class:`Block` for a ShardedTensor (its local block), a Block, or a plain (full) tensor.
+
+    A ShardedTensor that is unreduced (a partial sum) is summed first: checkpoints store values,
+    never partial blocks."""
     if isinstance(t, Block):
         return t
     spec = getattr(t, "spec", None)
@@ -65,6 +68,12 @@ def as_block(t: torch.Tensor | Block) -> Block:
     if spec is not None and mesh is not None and hasattr(t, "_local"):
         from ..sharding.layout import block_slices  # the sharding core (lazy: train sits above it)
 
+        if spec.unreduced:
+            # a partial sum is not a value: sum it (a collective, called by every rank as saving is)
+            from ..sharding.api import reshard
+            with torch.no_grad():
+                t = reshard(t.detach(), spec.reduced())
+            spec = t.spec
         slices = block_slices(tuple(t.shape), spec, mesh)
         offsets = tuple(s.start or 0 if isinstance(s, slice) else int(s[0]) for s in slices)
         return Block(t._local, tuple(t.shape), offsets)
