@@ -27,7 +27,8 @@ def _have_toolchain() -> bool:
 # ---------------------------------------------------------------- loader
 
 
-def test_status_reports_every_kernel():
+def test_status_reports_every_kernel(monkeypatch):
+    monkeypatch.setenv("MESHPAR_ENABLE_KERNELS", "all")  # past the opt-in: the reason must name the missing CUDA
     st = cuda_ops.build_all()
     assert set(st) == set(cuda_ops.KERNELS)
     for name, s in st.items():
@@ -36,6 +37,17 @@ def test_status_reports_every_kernel():
             assert s.state == "fallback" and "CUDA" in s.reason
     if _have_toolchain():
         assert st["cpu_adamw"].state == "built", st["cpu_adamw"].reason
+
+
+def test_unverified_cuda_kernels_are_opt_in(monkeypatch):
+    """A CUDA kernel not yet verified on a GPU is never used by default, and says how to opt in."""
+    monkeypatch.delenv("MESHPAR_ENABLE_KERNELS", raising=False)
+    monkeypatch.delenv("MESHPAR_DISABLE_KERNELS", raising=False)
+    for name, spec in cuda_ops.KERNELS.items():
+        if spec.cuda and not spec.verified:
+            s = cuda_ops.status(name)
+            assert s.state == "fallback" and "MESHPAR_ENABLE_KERNELS" in s.reason, (name, s)
+            assert cuda_ops.load(name) is None
 
 
 def test_disable_env_forces_fallback(no_kernels):
