@@ -86,7 +86,7 @@ def handle_dispatch(func, args, kwargs):
     if func in _SAME and isinstance(x0, ShardedTensor):
         return _wrap(func(x0._local), x0.spec, x0.mesh, x0._gshape)
     if func is aten._to_copy.default and isinstance(x0, ShardedTensor):
-        spec = x0.spec if float_cast(kwargs.get("dtype")) else x0.spec.reduced()
+        spec = x0.spec if float_cast(kwargs.get("dtype"), x0.dtype) else x0.spec.reduced()
         loc = operand_block(x0, spec, len(x0._gshape), x0.mesh, spec.unreduced, name)
         return _wrap(func(loc, **kwargs), spec, x0.mesh, x0._gshape)
     if func is aten.copy_.default:
