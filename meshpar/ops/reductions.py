@@ -209,8 +209,8 @@ def _norm(func, args, kwargs):
     red = {} if dim is None else {"dim": dim, "keepdim": keepdim}
     if math.isinf(p):
         return a.amax(**red) if p > 0 else a.amin(**red)
-    if p == 0:  # the number of nonzero entries
-        return (a != 0).to(a.dtype).sum(**red)
+    if p == 0:  # the number of nonzero entries (a.pow(0) keeps it in autograd, with torch's zero gradient)
+        return (a.pow(0) * (a != 0).to(a.dtype)).sum(**red)
     s = (a ** p).sum(**red)
     return s ** (1.0 / p)
 
