@@ -225,7 +225,9 @@ def _split(func, args, kwargs):
     else:
         d = norm_dim(kwargs.get("dim", args[2] if len(args) > 2 else 0), nd)
     _require_unsplit(x, d, func.__name__)
-    rest = [a for a in args[1:]]
+    # split sizes / indices given as a (replicated or partial) ShardedTensor are values: use the global ones
+    rest = [a.tolist() if isinstance(a, ShardedTensor) else a for a in args[1:]]
+    kwargs = {k: (v.tolist() if isinstance(v, ShardedTensor) else v) for k, v in kwargs.items()}
     locs = func(enter(x), *rest, **kwargs)
     out = []
     for loc in locs:

@@ -91,6 +91,13 @@ def handle_dispatch(func, args, kwargs):
         return _wrap(func(loc, **kwargs), spec, x0.mesh, x0._gshape)
     if func is aten.copy_.default:
         return _copy(args[0], args[1], kwargs)
+    if func in (aten.resize_.default, aten.resize_as_.default) and isinstance(x0, ShardedTensor):
+        size = tuple(args[1].shape if func is aten.resize_as_.default else args[1])
+        if size == tuple(x0._gshape):
+            return x0
+        if x0.spec.unreduced:
+            raise ShardingError(f"{op_label(name)}: resizing the partial sum {x0.spec} would resize each rank's share; "
+                                f"reduce it first (meshpar.reshard(x, {x0.spec.reduced()})) or build a new tensor")
     tags = func.tags
     if _RANDOM in tags:
         return _generic(func, args, kwargs, random=True)
