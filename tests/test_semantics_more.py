@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import meshpar as mp
 from meshpar import P
@@ -14,6 +15,17 @@ from meshpar import P
 INF = float("inf")
 _G = torch.Generator().manual_seed(4321)
 C16 = torch.randn(1, 6, dtype=torch.float64, generator=_G)
+W_IN = torch.randn(18, 6, dtype=torch.float64, generator=_G)
+B_IN = torch.randn(18, dtype=torch.float64, generator=_G)
+W_OUT = torch.randn(6, 6, dtype=torch.float64, generator=_G)
+B_OUT = torch.randn(6, dtype=torch.float64, generator=_G)
+
+
+def _mha(a, b, m=None):
+    """F.multi_head_attention_forward on x = a viewed as (L=4, N=2, E=6), 2 heads."""
+    x = a.reshape(4, 2, 6)
+    return F.multi_head_attention_forward(x, x, x, 6, 2, W_IN, B_IN, None, None, False, 0.0, W_OUT, B_OUT,
+                                          training=False, need_weights=False)[0]
 
 
 def _mm(a, b):
@@ -84,6 +96,9 @@ CASES = {
     "tensor_split_sharded_indices": (
         lambda a, b, m: torch.tensor_split(a, mp.shard(torch.tensor([1, 4]), P(), m), dim=1)[1], P("x"), P(), True,
         "pass"),
+    "mha_repl": (_mha, P(), P(), True, "pass"),
+    "group_norm_split": (lambda a, b, m: F.group_norm(a.reshape(4, 2, 6), 2), P("x"), P(), True, "pass"),
+    "group_norm_repl": (lambda a, b, m: F.group_norm(a.reshape(2, 4, 6), 2), P(), P(), True, "pass"),
     "resize_same_shape": (lambda a, b, m: _resize_same(a), P("x"), P(), False, "pass"),
     "resize_partial": (_resize_partial, P(None, "x"), P("x"), False, "refuse"),
 }

@@ -204,7 +204,11 @@ def _generic(func, args, kwargs, random: bool = False):
             if overwrite and a is x0:
                 glob.append(torch.empty(tuple(a._gshape), dtype=a.dtype, device=a._local.device))
             else:
-                glob.append(global_value(a, name))
+                g = global_value(a, name)
+                # the wrapper reports contiguous strides: stride-sensitive ops (aten.view) must see them
+                if not g.is_contiguous() and a.is_contiguous():
+                    g = g.contiguous()
+                glob.append(g)
         else:
             glob.append(a)
     gargs, gkw = tree_unflatten(glob, tree)
