@@ -10,6 +10,7 @@ All communication in meshpar goes through this module, which is what lets
 from __future__ import annotations
 
 import contextlib
+import functools
 import contextvars
 from datetime import timedelta
 from typing import Callable, Sequence
@@ -62,6 +63,53 @@ class _Done:
         return self._t
 
 
+# dtypes gloo cannot communicate ("Invalid scalar type"), and the exact wider dtype they travel as
+_GLOO_WIDEN = {torch.int16: torch.int32, torch.uint16: torch.int32, torch.uint32: torch.int64}
+_GLOO_NEVER = frozenset({torch.uint64})
+
+
+class _Narrow:
+    """A pending collective on a widened tensor: ``wait()`` casts the result back (into ``into`` if given)."""
+
+    def __init__(self, pending, dtype: torch.dtype, into: torch.Tensor | None = None):
+        self._p, self._dtype, self._into = pending, dtype, into
+
+    def wait(self) -> torch.Tensor:
+        out = self._p.wait().to(self._dtype)
+        if self._into is not None:
+            self._into.copy_(out)
+            return self._into
+        return out
+
+
+def _widened(fn):
+    """Run collective ``fn(x, mesh, ...)`` on gloo for dtypes gloo lacks by widening ``x`` exactly
+    (int16 -> int32 ...) and casting the result back. The check depends only on the dtype, which is
+    the same on every rank, so an unsupported dtype raises on every rank before any communication."""
+    @functools.wraps(fn)
+    def run(x: torch.Tensor, mesh: Mesh, *args, **kwargs):
+        if getattr(mesh, "backend", None) == "gloo" and isinstance(x, torch.Tensor):
+            if x.dtype in _GLOO_NEVER:
+                raise ShardingError(f"{fn.__name__}: dtype {x.dtype} cannot be communicated over gloo; "
+                                    "cast it to torch.int64 first")
+            wide = _GLOO_WIDEN.get(x.dtype)
+            if wide is not None:
+                into = x if kwargs.get("inplace") else None
+                kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
+                async_op = kwargs.pop("async_op", False)
+                res = _Narrow(fn(x.to(wide), mesh, *args, async_op=True, **kwargs), x.dtype, into)
+                return res if async_op else res.wait()
+        return fn(x, mesh, *args, **kwargs)
+    return run
+
+
+def _gloo_check(x: torch.Tensor, mesh: Mesh, what: str) -> None:
+    """Refuse (on every rank, before communicating) a dtype gloo cannot send point to point."""
+    if getattr(mesh, "backend", None) == "gloo" and (x.dtype in _GLOO_NEVER or x.dtype in _GLOO_WIDEN):
+        raise ShardingError(f"{what}: dtype {x.dtype} cannot be communicated over gloo; cast it to "
+                            f"{_GLOO_WIDEN.get(x.dtype, torch.int64)} first")
+
+
 def _wait(work, what: str, axes, mesh: Mesh) -> None:
     if work is None:
         return
@@ -90,6 +138,7 @@ def _trivial(mesh: Mesh, axes) -> bool:
     return mesh.size(axes) == 1
 
 
+@_widened
 def all_reduce(x: torch.Tensor, mesh: Mesh, axes, op: str = "sum", *, async_op: bool = False,
                inplace: bool = False):
     """Sum (or max/min) of ``x`` over ``axes``; returns a new tensor on every member.
@@ -109,6 +158,7 @@ def all_reduce(x: torch.Tensor, mesh: Mesh, axes, op: str = "sum", *, async_op: 
                 lambda: out, f"all_reduce({op})", axes, mesh, async_op)
 
 
+@_widened
 def all_gather(x: torch.Tensor, mesh: Mesh, axes, dim: int = 0, *, async_op: bool = False):
     """Concatenate the members' ``x`` along ``dim``, ordered major to minor over ``axes``."""
     axes = mesh.check_axes(axes)
@@ -132,6 +182,7 @@ def all_gather(x: torch.Tensor, mesh: Mesh, axes, dim: int = 0, *, async_op: boo
                 finish, "all_gather", axes, mesh, async_op)
 
 
+@_widened
 def reduce_scatter(x: torch.Tensor, mesh: Mesh, axes, dim: int = 0, *, async_op: bool = False):
     """Sum ``x`` over ``axes`` and keep this member's chunk of ``dim`` (chunk order major to minor)."""
     axes = mesh.check_axes(axes)
@@ -160,6 +211,7 @@ def reduce_scatter(x: torch.Tensor, mesh: Mesh, axes, dim: int = 0, *, async_op:
                 lambda: out, "reduce_scatter", axes, mesh, async_op)
 
 
+@_widened
 def all_to_all(x: torch.Tensor, mesh: Mesh, axes, split_dim: int, concat_dim: int, *, async_op: bool = False):
     """Split ``x`` along ``split_dim`` into n chunks, send chunk p to member p, concatenate what
     arrives along ``concat_dim`` (ordered by sender, major to minor over ``axes``)."""
@@ -197,6 +249,7 @@ def broadcast(x: torch.Tensor, mesh: Mesh, axes, src: int, *, async_op: bool = F
     axes = mesh.check_axes(axes)
     if _trivial(mesh, axes):
         return _Done(x) if async_op else x
+    _gloo_check(x, mesh, "broadcast")
     me = mesh.axis_index(axes)
     nbytes = x.numel() * x.element_size()
     record("broadcast", axes, 0.0 if me == src else float(nbytes))
@@ -207,6 +260,7 @@ def broadcast(x: torch.Tensor, mesh: Mesh, axes, src: int, *, async_op: bool = F
                 "broadcast", axes, mesh, async_op)
 
 
+@_widened
 def ppermute(x: torch.Tensor, mesh: Mesh, axis, perm: Sequence[tuple[int, int]], *, async_op: bool = False):
     """Send ``x`` from member ``s`` to member ``d`` for each ``(s, d)`` in ``perm`` (indices along ``axis``).
 
@@ -248,6 +302,7 @@ def ppermute(x: torch.Tensor, mesh: Mesh, axis, perm: Sequence[tuple[int, int]],
 def send(x: torch.Tensor, mesh: Mesh, axis, dst: int, *, async_op: bool = False):
     """Point-to-point send to member ``dst`` along ``axis``."""
     axes = mesh.check_axes(axis)
+    _gloo_check(x, mesh, "send")
     g = mesh.group(axes)
     gr = mesh.group_rank_of(axes, dst)
     peer = gr if g is dist.group.WORLD else dist.get_global_rank(g, gr)
@@ -258,6 +313,7 @@ def send(x: torch.Tensor, mesh: Mesh, axis, dst: int, *, async_op: bool = False)
 def recv(buf: torch.Tensor, mesh: Mesh, axis, src: int, *, async_op: bool = False):
     """Point-to-point receive into ``buf`` from member ``src`` along ``axis``."""
     axes = mesh.check_axes(axis)
+    _gloo_check(buf, mesh, "recv")
     g = mesh.group(axes)
     gr = mesh.group_rank_of(axes, src)
     peer = gr if g is dist.group.WORLD else dist.get_global_rank(g, gr)

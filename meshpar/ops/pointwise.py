@@ -55,6 +55,9 @@ _NEW_SHAPE = {T.new_zeros, T.new_ones, T.new_empty, T.new_full}
 _LIKE_FACTORY = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like}
 
 
+_CAST_TO = {T.float: torch.float32, T.double: torch.float64, T.half: torch.float16, T.bfloat16: torch.bfloat16}
+
+
 def _cast_dtype(args, kwargs):
     """The dtype a ``.to(...)``/``.type(...)`` call casts to (None: unchanged)."""
     for v in list(args[1:]) + list(kwargs.values()):
@@ -219,6 +222,8 @@ def _add(func, args, kwargs):
 
 @register(*_MUL, *_DIV)
 def _mul(func, args, kwargs):
+    if kwargs.get("rounding_mode") is not None:  # floor/trunc division is not linear: reduce partial sums first
+        return elementwise(func, args, kwargs)
     return elementwise(func, args, kwargs, linear="scale")
 
 
@@ -246,10 +251,11 @@ def _unary(func, args, kwargs):
         out = ST(func(x._local, *args[1:], **kwargs), x.spec.reduced(), x.mesh, x._gshape)
         return out.requires_grad_(rg) if rg else out
     linear = "no"
-    if func in (T.float, T.double, T.half, T.bfloat16, T.contiguous, T.clone, torch.clone, T.detach, torch.detach,
-                T.cpu, T.cuda):
+    if func in (T.contiguous, T.clone, torch.clone, T.detach, torch.detach, T.cpu, T.cuda):
         linear = "linear"
-    elif func in (T.to, T.type) and float_cast(_cast_dtype(args, kwargs)):
+    elif func in _CAST_TO and float_cast(_CAST_TO[func], x.dtype):
+        linear = "linear"
+    elif func in (T.to, T.type) and float_cast(_cast_dtype(args, kwargs), x.dtype):
         linear = "linear"
     if func in (T.detach, torch.detach):
         return ShardedTensor(x._local.detach(), x.spec, x.mesh, x._gshape)
@@ -285,7 +291,7 @@ _SCALE_INPLACE = frozenset({T.mul_, T.div_, T.__imul__, T.__itruediv__})
 _ADD_INPLACE = frozenset({T.add_, T.sub_, T.__iadd__, T.__isub__})
 
 
-def _local_inplace_ok(func, target: ShardedTensor, others) -> bool:
+def _local_inplace_ok(func, target: ShardedTensor, others, kwargs: dict) -> bool:
     """True when the in-place op may run on the blocks as they are (linearity table, layouts)."""
     u = target.spec.unreduced
     vals = [desc(target)] + [d for d in map(desc, others) if d is not None]
@@ -294,6 +300,8 @@ def _local_inplace_ok(func, target: ShardedTensor, others) -> bool:
     if func in _ADD_INPLACE:
         return keep_partial("add", vals) == u
     if func in _SCALE_INPLACE:
+        if kwargs.get("rounding_mode") is not None:
+            return False
         return keep_partial("scale", vals, True) == u
     if func is T.zero_:
         return True
@@ -323,7 +331,7 @@ def _inplace(func, args, kwargs):
             target._local.copy_(src._local)
             return target
         return NotImplemented
-    if not _local_inplace_ok(func, target, others):
+    if not _local_inplace_ok(func, target, others, kwargs):
         return NotImplemented
     mesh = target.mesh
     nd = len(target._gshape)

@@ -200,11 +200,18 @@ def _norm(func, args, kwargs):
     if isinstance(p, str):
         raise NotImplementedError(f"norm p={p!r} on ShardedTensor")
     dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
-    keepdim = kwargs.get("keepdim", False)
+    keepdim = kwargs.get("keepdim", args[3] if len(args) > 3 else False)
+    if kwargs.get("dtype") is not None:
+        x = x.to(kwargs["dtype"])
+    if kwargs.get("out") is not None:
+        raise NotImplementedError("norm(..., out=) on ShardedTensor")
     a = x.abs()
+    red = {} if dim is None else {"dim": dim, "keepdim": keepdim}
     if math.isinf(p):
-        return a.amax(dim=dim, keepdim=keepdim) if dim is not None else a.amax()
-    s = (a ** p).sum(dim=dim, keepdim=keepdim) if dim is not None else (a ** p).sum()
+        return a.amax(**red) if p > 0 else a.amin(**red)
+    if p == 0:  # the number of nonzero entries (a.pow(0) keeps it in autograd, with torch's zero gradient)
+        return (a.pow(0) * (a != 0).to(a.dtype)).sum(**red)
+    s = (a ** p).sum(**red)
     return s ** (1.0 / p)
 
 

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_map
 import torch
 
 from ..errors import ShardingError
-from ..sharding.core import enter, wrap
+from ..sharding.core import enter, local_in, wrap
 from ..sharding.dispatch import register, remember, remember_same_call
 from ..sharding.spec import P, is_zigzag
 from ..sharding.tensor import ShardedTensor, layout, local_fn_exec
@@ -173,7 +173,7 @@ def _t(func, args, kwargs):
 def _T(func, args, kwargs):
     x = args[0]
     nd = len(x._gshape)
-    if func is T.mT.__get__:
+    if func == T.mT.__get__:  # a method-wrapper: a new object on each attribute access, so ``==``, not ``is``
         perm = list(range(nd - 2)) + [nd - 1, nd - 2]
     else:
         perm = list(reversed(range(nd)))
@@ -225,7 +225,9 @@ def _split(func, args, kwargs):
     else:
         d = norm_dim(kwargs.get("dim", args[2] if len(args) > 2 else 0), nd)
     _require_unsplit(x, d, func.__name__)
-    rest = [a for a in args[1:]]
+    # split sizes / indices given as a (replicated or partial) ShardedTensor are values: use the global ones
+    rest = [a.tolist() if isinstance(a, ShardedTensor) else a for a in args[1:]]
+    kwargs = {k: (v.tolist() if isinstance(v, ShardedTensor) else v) for k, v in kwargs.items()}
     locs = func(enter(x), *rest, **kwargs)
     out = []
     for loc in locs:
@@ -320,6 +322,8 @@ def _getitem(func, args, kwargs):
 @register(T.expand, T.expand_as)
 def _expand(func, args, kwargs):
     x = args[0]
+    if func is T.expand_as and not isinstance(x, ShardedTensor):
+        return _expand_plain_as(x, args[1])
     if func is T.expand_as:
         sizes = list(args[1].shape)
     else:
@@ -336,6 +340,16 @@ def _expand(func, args, kwargs):
         else:
             loc_sizes.append(s)
     return wrap(enter(x).expand(loc_sizes), P(*ents, unreduced=x.spec.unreduced), x.mesh, sizes)
+
+
+def _expand_plain_as(x: torch.Tensor, other: ShardedTensor) -> ShardedTensor:
+    """``plain.expand_as(sharded)``: the plain tensor is a value (the same on every rank), so the
+    result is ``other``'s layout without its partial-sum axes; each rank keeps its block of the
+    broadcast (a free slice; the gradient of ``x`` is summed over the split axes)."""
+    shape = tuple(other._gshape)
+    spec = P(*other.spec.entries)
+    loc = local_in(x.expand(shape), spec, len(shape), other.mesh)
+    return wrap(loc, spec, other.mesh, shape)
 
 
 @register(T.__setitem__)

@@ -86,11 +86,18 @@ def handle_dispatch(func, args, kwargs):
     if func in _SAME and isinstance(x0, ShardedTensor):
         return _wrap(func(x0._local), x0.spec, x0.mesh, x0._gshape)
     if func is aten._to_copy.default and isinstance(x0, ShardedTensor):
-        spec = x0.spec if float_cast(kwargs.get("dtype")) else x0.spec.reduced()
+        spec = x0.spec if float_cast(kwargs.get("dtype"), x0.dtype) else x0.spec.reduced()
         loc = operand_block(x0, spec, len(x0._gshape), x0.mesh, spec.unreduced, name)
         return _wrap(func(loc, **kwargs), spec, x0.mesh, x0._gshape)
     if func is aten.copy_.default:
         return _copy(args[0], args[1], kwargs)
+    if func in (aten.resize_.default, aten.resize_as_.default) and isinstance(x0, ShardedTensor):
+        size = tuple(args[1].shape if func is aten.resize_as_.default else args[1])
+        if size == tuple(x0._gshape):
+            return x0
+        if x0.spec.unreduced:
+            raise ShardingError(f"{op_label(name)}: resizing the partial sum {x0.spec} would resize each rank's share; "
+                                f"reduce it first (meshpar.reshard(x, {x0.spec.reduced()})) or build a new tensor")
     tags = func.tags
     if _RANDOM in tags:
         return _generic(func, args, kwargs, random=True)
@@ -197,7 +204,11 @@ def _generic(func, args, kwargs, random: bool = False):
             if overwrite and a is x0:
                 glob.append(torch.empty(tuple(a._gshape), dtype=a.dtype, device=a._local.device))
             else:
-                glob.append(global_value(a, name))
+                g = global_value(a, name)
+                # the wrapper reports contiguous strides: stride-sensitive ops (aten.view) must see them
+                if not g.is_contiguous() and a.is_contiguous():
+                    g = g.contiguous()
+                glob.append(g)
         else:
             glob.append(a)
     gargs, gkw = tree_unflatten(glob, tree)

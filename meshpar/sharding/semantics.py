@@ -14,7 +14,9 @@ the op is linear in it:
 * ``"linear"`` ops (``-a``, ``clone``, float->float casts, views): one value operand.
 * anything else (``"no"``): non-linear; partial operands are summed first.
 
-Integer and bool casts are not linear (each partial would be truncated on its own).
+Integer and bool casts are not linear (each partial would be truncated on its own), nor are casts
+to a lower precision (each partial would be rounded on its own): see :func:`float_cast`. A division
+with ``rounding_mode`` ("floor"/"trunc") is not linear either.
 
 **strict().** By default an op that needs a reshard gets the cheapest one inserted. Inside
 ``with meshpar.strict():`` every implicit collective raises a :class:`ShardingError` naming the
@@ -143,9 +145,25 @@ def keep_partial(kind: str, operands: Sequence[Desc], partial_first_only: bool =
     return None
 
 
-def float_cast(dtype: torch.dtype | None) -> bool:
-    """True when a cast to ``dtype`` is linear (floating or complex; None = unchanged dtype)."""
-    return dtype is None or dtype.is_floating_point or dtype.is_complex
+def float_cast(dtype: torch.dtype | None, src: torch.dtype | None = None) -> bool:
+    """True when a cast of a ``src`` tensor to ``dtype`` is linear and exact, so a partial sum may
+    be cast share by share (None = unchanged dtype).
+
+    Only floating/complex casts that lose no precision or range qualify: a cast to a lower
+    precision (``.half()``, ``.bfloat16()``, float64 -> float32) rounds each share on its own,
+    which differs from rounding the sum, so the partial sum is reduced first. Integer and bool
+    casts truncate each share and never qualify. ``src=None`` (unknown source) only accepts ``None``.
+    """
+    if dtype is None or dtype == src:
+        return True
+    if src is None or not (dtype.is_floating_point or dtype.is_complex):
+        return False
+    if not (src.is_floating_point or src.is_complex):
+        return False
+    if src.is_complex and not dtype.is_complex:
+        return False
+    fs, fd = torch.finfo(src), torch.finfo(dtype)
+    return fd.eps <= fs.eps and fd.max >= fs.max and fd.tiny <= fs.tiny
 
 
 def desc(x) -> Desc | None:

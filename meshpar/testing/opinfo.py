@@ -127,10 +127,20 @@ def is_random_op(op) -> bool:
 
 
 def _is_random(op, flat, spec) -> bool:
+    """True when the sample's dense result depends on the RNG. OpInfo wraps some random ops (dropout
+    inside ``multi_head_attention_forward``, ...) in ``wrapper_set_seed``, which reseeds torch's
+    global generator to 42: that wrapper is bypassed here so their randomness shows (meshpar draws
+    from its mesh-shared generator, whose stream is not torch's global one)."""
+    import contextlib
+    import torch.testing._internal.common_methods_invocations as cmi
     outs = []
     for s in (1, 2):
         torch.manual_seed(s)
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            if hasattr(cmi, "wrapper_set_seed"):
+                orig = cmi.wrapper_set_seed
+                cmi.wrapper_set_seed = lambda fn, *a, **k: fn(*a, **k)
+                stack.callback(setattr, cmi, "wrapper_set_seed", orig)
             o = _call(op, [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in flat], spec)
         outs.append(o)
     same, _, _ = _diff(outs[0], outs[1], 0.0, 0.0)
