@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import meshpar.train as mt  # noqa: E402
-from meshpar.models.gpt import GPT, GPTConfig, init_params, param_shapes  # noqa: E402
+from meshpar.models.gpt_functional import GPT, GPTConfig, init_params, param_shapes  # noqa: E402
 
 
 # ------------------------------------------------------------------ the PyTorch-native baseline model

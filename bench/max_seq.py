@@ -42,7 +42,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     import meshpar.train as mt
-    from meshpar.models.gpt import GPT, GPTConfig
+    from meshpar.models.gpt_functional import GPT, GPTConfig
 
     use_cuda = torch.cuda.is_available() and not args.smoke
     if use_cuda:

@@ -64,7 +64,7 @@ def build_blocks(n_layer: int, n_embd: int, n_head: int, vocab: int, seq: int) -
     whose ``pipeline_blocks()`` are ``nn.Module`` s calling the functional GPT). Blocks have a
     ``kind`` attribute (``"embed"``, ``"layer"``, ``"head"``).
     """
-    from meshpar.models.gpt import GPT, GPTConfig, param_shapes
+    from meshpar.models.gpt_functional import GPT, GPTConfig, param_shapes
     cfg = GPTConfig(vocab_size=vocab, block_size=seq, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     with torch.device("meta"):
         gpt = GPT(cfg, params={n: torch.empty(s) for n, s in param_shapes(cfg).items()})

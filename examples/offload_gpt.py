@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import meshpar.memory as mm
-from meshpar.models.gpt import GPT, GPTConfig, param_shapes
+from meshpar.models.gpt_functional import GPT, GPTConfig, param_shapes
 
 
 def gpt_blocks(cfg: GPTConfig) -> torch.nn.Sequential:

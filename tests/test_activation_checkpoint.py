@@ -9,7 +9,7 @@ from torch import nn
 
 import meshpar.memory as mm
 import meshpar.nn  # noqa: F401  (registers the layer rules)
-from meshpar.models.gpt import GPT, GPTConfig, init_params
+from meshpar.models.gpt_functional import GPT, GPTConfig, init_params
 from meshpar.sharding import unshard
 from meshpar.sharding.tensor import ShardedTensor
 

@@ -49,7 +49,7 @@ for fn in (torch.tanh, lambda t: t.sum(0), lambda t: t * 2 + 1):
 assert torch.allclose(mp.unshard(mp.reshard(xs, P(names[0], None)).softmax(-1)), X.softmax(-1))
 if True:  # ring SDPA over "x" (balanced zigzag layout when x > 1; fused CUDA blocks), GPT in the 2D plan
     import torch.nn.functional as F
-    from meshpar.models.gpt import GPTConfig, init_params, loss_fn
+    from meshpar.models.gpt_functional import GPTConfig, init_params, loss_fn
     from meshpar.models.plans import make_plan, shard_params, unpad
     gen = torch.Generator(device=dev).manual_seed(1)
     S = 128 * mesh.size("x")  # divisible by the 2*x zigzag chunks

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import meshpar.nn  # noqa: F401
-from meshpar.models.gpt import GPT, GPTConfig, init_params, param_shapes
+from meshpar.models.gpt_functional import GPT, GPTConfig, init_params, param_shapes
 from meshpar.pipeline import Pipeline, build_stage, materialize, materialized_bytes, stage_block_indices
 
 CFG = GPTConfig(vocab_size=31, block_size=8, n_layer=6, n_head=2, n_embd=8)

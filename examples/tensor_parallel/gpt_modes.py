@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 import meshpar as mp
 import meshpar.nn  # noqa: F401  (layer rules)
-from meshpar.models.gpt import GPT, GPTConfig
+from meshpar.models.gpt_functional import GPT, GPTConfig
 from meshpar.models.plans import make_plan, unpad
 from meshpar.sharding import unshard
 from _common import init
