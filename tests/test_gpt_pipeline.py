@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import meshpar as mp
 from meshpar.models.gpt import GPT, GPTConfig
-from meshpar.models.plans import parallel_plan
+from meshpar.models.plans import parallel_plan, place_batch
 from meshpar.parallel import parallelize
 from meshpar.pipeline import Pipeline
 
@@ -39,7 +39,9 @@ def _data(cfg: GPTConfig, B: int, T: int, seed: int) -> tuple[torch.Tensor, torc
 def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The example's criterion: the targets take the logits' batch layout; a plain scalar."""
     if isinstance(logits, mp.ShardedTensor):
-        targets = mp.reshard(targets, mp.P(*(logits.spec[i] if i < len(logits.spec) else None for i in range(2))))
+        spec = mp.P(*(logits.spec[i] if i < len(logits.spec) else None for i in range(2)))
+        # a plain tensor is this data rank's local batch (the batch contract); a ShardedTensor is resharded
+        targets = place_batch(targets, spec, logits.mesh, ("data",) if "data" in logits.mesh.names else ())
     out = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
     return mp.unshard(out) if isinstance(out, mp.ShardedTensor) else out
 

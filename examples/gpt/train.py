@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import meshpar as mp  # noqa: E402
 from meshpar.models.gpt import GPT, GPTConfig  # noqa: E402
+from meshpar.models.plans import place_batch  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,7 +71,9 @@ def gpt_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     Sharded logits: the targets (this data rank's block, placed by the engine) take the logits'
     batch/sequence layout (a free local slice), and the loss is vocab-parallel."""
     if isinstance(logits, mp.ShardedTensor):
-        targets = mp.reshard(targets, mp.P(*(logits.spec[i] if i < len(logits.spec) else None for i in range(2))))
+        spec = mp.P(*(logits.spec[i] if i < len(logits.spec) else None for i in range(2)))
+        # a plain tensor is this data rank's local batch (the batch contract); a ShardedTensor is resharded
+        targets = place_batch(targets, spec, logits.mesh, ("data",) if "data" in logits.mesh.names else ())
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
     return mp.unshard(loss) if isinstance(loss, mp.ShardedTensor) else loss
 

@@ -147,10 +147,12 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0) -> None:
-        """Deterministic GPT-2 initialisation (see the class docstring)."""
+        """Deterministic GPT-2 initialisation (see the class docstring); meta parameters are skipped."""
         g = torch.Generator().manual_seed(seed)
         std_out = 0.02 / math.sqrt(2 * self.cfg.n_layer)
         for name, p in self.named_parameters():
+            if p.is_meta:  # built on the meta device (e.g. a pipeline stage's other blocks): shapes only
+                continue
             if ".ln_" in name or name.startswith("ln_"):
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
             elif name.endswith("bias"):
