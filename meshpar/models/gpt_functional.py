@@ -1,4 +1,6 @@
-"""A GPT (nanoGPT-sized) written functionally: a dict of parameters plus pure functions.
+"""LEGACY: the former functional GPT (a dict of parameters plus pure functions, ``plan=`` threaded
+through), kept only because the plain GPT (:mod:`meshpar.models.gpt`) has no 3d plan table yet.
+Nothing in meshpar uses it; new code uses ``GPT`` + ``mp.parallelize`` (docs/parallelize.md).
 
 The same :func:`forward` runs dense and in every tensor-parallel mode; only the
 :class:`~meshpar.models.plans.Plan` (a table of specs) differs. Weights are stored ``[in, out]``
@@ -356,17 +358,6 @@ class GPT(nn.Module):
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kw) -> torch.Tensor:
         return generate(self.params(), idx, self.cfg, self.plan, max_new_tokens, **kw)
-
-    def pipeline_blocks(self) -> nn.Sequential:
-        """This model as pipeline blocks sharing its parameters: ``[embed, layer 0, ..., layer L-1, head]``.
-
-        ``idx [B, T] -> resid [B, T, C] -> ... -> logits [B, T, V]`` (padded and sharded by the plan
-        as in :func:`forward`); ``blocks(idx)`` equals ``self(idx)``. Parameter names inside the
-        blocks are the GPT names. :func:`meshpar.train.initialize` calls this when
-        ``parallel.pipeline > 1``. See :mod:`meshpar.models.gpt_pipeline`.
-        """
-        from .gpt_pipeline import pipeline_blocks
-        return pipeline_blocks(self)
 
 
 def register_dotted(module: nn.Module, name: str, param: nn.Parameter) -> None:

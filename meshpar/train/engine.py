@@ -90,7 +90,8 @@ def _load_masters(opt: Any, masters: dict[int, torch.Tensor]) -> None:
 
 
 def make_plan(ctx: Context | None = None):
-    """The model plan of the context's mode on its mesh (``meshpar.models.plans.make_plan``).
+    """LEGACY (the functional GPT of :mod:`meshpar.models.gpt_functional`, kept for 3d): the model plan
+    of the context's mode on its mesh (``meshpar.models.plans.make_plan``). Use :func:`parallelize_model`.
 
     With ``parallel.sequence.size > 1`` the plan is "sp" (no tensor mode) or "1d+sp" (tensor mode
     "1d"), with ``parallel.sequence.mode`` ("ring" / "all_to_all") as its attention variant.
