@@ -131,8 +131,8 @@ def run_fsdp(mode: str, args, gcfg: GPTConfig, world: int, dtype, device) -> tup
         tp = 2
         mesh = init_device_mesh(dt, (world // tp, tp), mesh_dim_names=("dp", "tp"))
         for b in model.h:
-            # DTensor outputs (global shapes): the plain GPT's view(B, T, n_head, hd) splits the heads
-            col = ColwiseParallel(use_local_output=False)
+            # local outputs: the plain GPT's view(B, T, -1, hd) takes this rank's heads
+            col = ColwiseParallel()
             parallelize_module(b, mesh["tp"], {"attn.q": col, "attn.k": col, "attn.v": col,
                                                "attn.proj": RowwiseParallel(), "mlp.fc": col,
                                                "mlp.proj": RowwiseParallel()})

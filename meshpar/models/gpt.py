@@ -62,10 +62,11 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         hd = C // self.n_head
-        q, k, v = (lin(x).view(B, T, self.n_head, hd).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        # heads as -1: the same code runs on torch TP's local shards (C / tp columns, n_head / tp heads)
+        q, k, v = (lin(x).view(B, T, -1, hd).transpose(1, 2) for lin in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, -1)
         return F.dropout(self.proj(y), self.dropout, self.training)
 
 
