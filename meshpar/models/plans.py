@@ -1,4 +1,12 @@
-"""Parallelism plans for the functional GPT: a mode is a table of specs, nothing else.
+"""Parallelism plans as tables of specs.
+
+* :data:`TABLES` / :func:`parallel_plan` (bottom of this module): the plans that
+  :func:`meshpar.parallelize` applies from outside to plain models: meshpar's GPT (``"gpt"``: 1d, 2d,
+  2.5d, sp, 1d+sp), a nanoGPT-style module, Hugging Face GPT-2 and Llama.
+* :class:`Plan` / :func:`make_plan` / :func:`shard_params` (LEGACY, for the functional GPT of
+  :mod:`meshpar.models.gpt_functional`, kept while the plain GPT has no 3d table), described below.
+
+Legacy: parallelism plans for the functional GPT: a mode is a table of specs, nothing else.
 
 A :class:`Plan` assigns a :class:`~meshpar.P` to every parameter (by its *role*) and to the
 activations, and says to which multiples the vocabulary, hidden, head and MLP sizes are padded
