@@ -17,6 +17,11 @@ Linear weights are ``nn.Linear``'s ``[out, in]``. The LM head is not tied to ``w
 different layouts in 2D, see docs/tensor-parallel.md). Nothing is padded: logits are
 ``[B, T, vocab_size]`` in every layout, and a plan whose specs do not divide a size (e.g. a vocabulary
 that is not a multiple of the tensor-parallel size) is refused by ``parallelize`` before any change.
+
+Dropout is plain ``F.dropout`` (and SDPA's ``dropout_p``): on ShardedTensors meshpar draws
+layout-independent masks from the mesh's shared random stream, which are not the masks torch draws
+for the dense model, so sharded-vs-dense equality holds for ``dropout=0`` (or in ``eval()``);
+sequence-parallel attention has no attention dropout.
 """
 from __future__ import annotations
 
