@@ -35,63 +35,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import meshpar as mp  # noqa: E402
 import meshpar.train as mt  # noqa: E402
-from meshpar.models.gpt import GPT, GPTConfig, init_params, param_shapes  # noqa: E402
+from meshpar.models.gpt import GPT, GPTConfig  # noqa: E402
 
 
-# ------------------------------------------------------------------ the PyTorch-native baseline model
-class Block(nn.Module):
-    """One pre-LN transformer block with the same math and [in, out] weights as meshpar's GPT."""
-
-    def __init__(self, c: int, n_head: int):
-        super().__init__()
-        self.n_head = n_head
-        self.ln_1, self.ln_2 = nn.LayerNorm(c), nn.LayerNorm(c)
-        self.q, self.k, self.v, self.proj = (nn.Linear(c, c) for _ in range(4))
-        self.fc, self.mproj = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        h = self.ln_1(x)
-        # local head count (TP shards the q/k/v columns)
-        q, k, v = (m(h) for m in (self.q, self.k, self.v))
-        hl = q.shape[-1] // (C // self.n_head)
-        q, k, v = (t.view(B, T, hl, -1).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
-        x = x + self.proj(y)
-        return x + self.mproj(F.gelu(self.fc(self.ln_2(x))))
+# ------------------------------------------------------------------ the model
+# Both sides train meshpar's plain GPT (meshpar.models.gpt, an ordinary nn.Module): meshpar lays it out
+# with parallelize (the config's plan table), the baseline with FSDP2 (and torch TP).
 
 
-class TorchGPT(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.h = nn.ModuleList(Block(cfg.n_embd, cfg.n_head) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
-        for b in self.h:
-            x = b(x)
-        logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
-
-    @torch.no_grad()
-    def load_meshpar(self, params: dict[str, torch.Tensor]) -> None:
-        """Copy meshpar's dense init ([in, out] weights) into this module ([out, in])."""
-        rename = {"attn.q": "q", "attn.k": "k", "attn.v": "v", "attn.proj": "proj", "mlp.fc": "fc",
-                  "mlp.proj": "mproj"}
-        own = dict(self.named_parameters())
-        for name, t in params.items():
-            n = name
-            for a, b in rename.items():
-                n = n.replace(f".{a}.", f".{b}.")
-            if n == "lm_head.weight" or (n.endswith(".weight") and t.ndim == 2 and n not in ("wte.weight",)):
-                t = t.t()
-            key = n if n in own else n + ".weight" if n + ".weight" in own else n
-            own[key].copy_(t)
+def n_params_of(cfg: GPTConfig) -> int:
+    """Parameter count of ``GPT(cfg)`` without building it."""
+    C, V, L = cfg.n_embd, cfg.vocab_size, cfg.n_layer
+    b = 1 if cfg.bias else 0
+    per_layer = 2 * C * (1 + b) + 4 * (C * C + b * C) + (4 * C * C + b * 4 * C) + (4 * C * C + b * C)
+    return V * C + cfg.block_size * C + L * per_layer + C * (1 + b) + C * V
 
 
 # ------------------------------------------------------------------ runs
@@ -132,7 +91,7 @@ def run_meshpar(mode: str, args, gcfg: GPTConfig, world: int, dtype) -> tuple[fl
     cfg = dict(parallel=dict(tensor=tensor), zero=dict(stage=args.zero if mode == "dp" else 0),
                precision="fp32" if args.smoke else "bf16", seed=0)
     ctx = mt.context_for(cfg)
-    model = GPT(gcfg, plan=mt.make_plan(ctx), seed=0).to(ctx.device)
+    model = mt.parallelize_model(GPT(gcfg, seed=0), ctx).to(ctx.device)
     engine, *_ = mt.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-4), None, ctx=ctx)
     nd = ctx.mesh.size("data")
     x, y = batch(args, gcfg, ctx.device)
@@ -144,7 +103,8 @@ def run_meshpar(mode: str, args, gcfg: GPTConfig, world: int, dtype) -> tuple[fl
 
     def step():
         engine.zero_grad()
-        loss = engine(x, y)
+        loss = engine(x, y)  # a ShardedTensor scalar (P()) under a plan
+        loss = mp.unshard(loss) if isinstance(loss, mp.ShardedTensor) else loss
         engine.backward(loss)
         engine.step()
         first.setdefault("loss", float(loss.detach()))
@@ -161,21 +121,21 @@ def run_fsdp(mode: str, args, gcfg: GPTConfig, world: int, dtype, device) -> tup
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    model = TorchGPT(gcfg)
-    model.load_meshpar(init_params(gcfg, 0))
-    model.to(device)
+    model = GPT(gcfg, seed=0).to(device)
     dt = device.type
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
-    kw = {"mp_policy": mp} if mp else {}
+    mpp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
+    kw = {"mp_policy": mpp} if mpp else {}
     x, y = batch(args, gcfg, device)
     if mode == "fsdp2_tp":
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
         tp = 2
         mesh = init_device_mesh(dt, (world // tp, tp), mesh_dim_names=("dp", "tp"))
         for b in model.h:
-            parallelize_module(b, mesh["tp"], {"q": ColwiseParallel(), "k": ColwiseParallel(),
-                                               "v": ColwiseParallel(), "proj": RowwiseParallel(),
-                                               "fc": ColwiseParallel(), "mproj": RowwiseParallel()})
+            # local outputs: the plain GPT's view(B, T, -1, hd) takes this rank's heads
+            col = ColwiseParallel()
+            parallelize_module(b, mesh["tp"], {"attn.q": col, "attn.k": col, "attn.v": col,
+                                               "attn.proj": RowwiseParallel(), "mlp.fc": col,
+                                               "mlp.proj": RowwiseParallel()})
         dp_mesh, nd, r = mesh["dp"], world // tp, mesh.get_local_rank("dp")
     else:
         dp_mesh = init_device_mesh(dt, (world,))
@@ -236,7 +196,7 @@ def main() -> None:
     modes = args.modes.split(",") if args.modes else \
         ["dp"] + (["1d"] if world > 1 else []) + (["2d"] if square and world > 1 else []) + \
         (["fsdp2"]) + (["fsdp2_tp"] if world >= 4 and world % 2 == 0 else [])
-    n_params = sum(math.prod(s) for s in param_shapes(gcfg).values())
+    n_params = n_params_of(gcfg)
     fpt = 6 * n_params + 12 * gcfg.n_layer * gcfg.block_size * gcfg.n_embd
     peak = peak_flops(args.smoke)
     tokens = args.batch * args.seq

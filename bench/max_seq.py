@@ -41,6 +41,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
+    import meshpar as mp
     import meshpar.train as mt
     from meshpar.models.gpt import GPT, GPTConfig
 
@@ -54,7 +55,7 @@ def worker(args: argparse.Namespace) -> None:
     ctx = mt.context_for(cfg)
     gcfg = GPTConfig(vocab_size=args.vocab, block_size=args.seq, n_layer=args.n_layer, n_head=args.n_head,
                      n_embd=args.n_embd)
-    model = GPT(gcfg, plan=mt.make_plan(ctx), seed=0).to(ctx.device)
+    model = mt.parallelize_model(GPT(gcfg, seed=0), ctx).to(ctx.device)
     engine, *_ = mt.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-4), None, ctx=ctx)
     g = torch.Generator().manual_seed(1 + ctx.mesh.coord("data"))
     t = torch.randint(0, args.vocab, (1, args.seq + 1), generator=g)
@@ -62,7 +63,8 @@ def worker(args: argparse.Namespace) -> None:
 
     def step() -> float:
         engine.zero_grad()
-        loss = engine(x, y)
+        loss = engine(x, y)  # a ShardedTensor scalar (P()) under a plan
+        loss = mp.unshard(loss) if isinstance(loss, mp.ShardedTensor) else loss
         engine.backward(loss)
         engine.step()
         return float(loss.detach())

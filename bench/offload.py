@@ -60,15 +60,13 @@ SIZES = {"tiny": (2, 64, 4), "125m": (12, 768, 12), "1.3b": (24, 2048, 16), "2.7
 def build_blocks(n_layer: int, n_embd: int, n_head: int, vocab: int, seq: int) -> nn.Sequential:
     """The GPT as ``[embed, layer 0..L-1, head]`` blocks with parameters on the meta device.
 
-    The only place this benchmark touches the model: ``meshpar.models.gpt`` as it is (a module
-    whose ``pipeline_blocks()`` are ``nn.Module`` s calling the functional GPT). Blocks have a
-    ``kind`` attribute (``"embed"``, ``"layer"``, ``"head"``).
+    The only place this benchmark touches the model: ``meshpar.models.gpt`` as it is (a plain module
+    whose ``pipeline_blocks()`` are its own ``Embed``, ``Block`` s and ``Head``).
     """
-    from meshpar.models.gpt import GPT, GPTConfig, param_shapes
+    from meshpar.models.gpt import GPT, GPTConfig
     cfg = GPTConfig(vocab_size=vocab, block_size=seq, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     with torch.device("meta"):
-        gpt = GPT(cfg, params={n: torch.empty(s) for n, s in param_shapes(cfg).items()})
-        return gpt.pipeline_blocks()
+        return GPT(cfg).pipeline_blocks()
 
 
 def init_value(n_layer: int):
@@ -146,7 +144,8 @@ def _loss(blocks: nn.Module, idx: torch.Tensor, tgt: torch.Tensor) -> torch.Tens
 
 
 def _is_layer(name: str, m: nn.Module) -> bool:
-    return getattr(m, "kind", None) == "layer"
+    from meshpar.models.gpt import Block
+    return isinstance(m, Block)
 
 
 def _timed(step_fn, args, device, device_bytes=None) -> dict:

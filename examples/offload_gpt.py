@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 
 import meshpar.memory as mm
-from meshpar.models.gpt import GPT, GPTConfig, param_shapes
+from meshpar.models.gpt import GPT, Block, GPTConfig
 
 
 def gpt_blocks(cfg: GPTConfig) -> torch.nn.Sequential:
     """``[embed, layer 0..L-1, head]`` with parameters on the meta device."""
     with torch.device("meta"):
-        return GPT(cfg, params={n: torch.empty(s) for n, s in param_shapes(cfg).items()}).pipeline_blocks()
+        return GPT(cfg).pipeline_blocks()
 
 
 def init(name: str, t: torch.Tensor) -> None:
@@ -57,7 +57,7 @@ def main() -> None:
     B, T = 4, 32
 
     blocks = gpt_blocks(cfg)
-    mm.checkpoint_activations(blocks, "block", blocks=lambda name, m: getattr(m, "kind", None) == "layer")
+    mm.checkpoint_activations(blocks, "block", blocks=lambda name, m: isinstance(m, Block))
     if args.cuda:
         off = mm.offload(blocks, units=list(blocks), memory=args.memory, device="cuda", init=init,
                          compute_dtype=torch.bfloat16, master_dtype=torch.float32, lr=1e-3, weight_decay=0.0)

@@ -9,11 +9,12 @@ from torch import nn
 
 import meshpar.memory as mm
 import meshpar.nn  # noqa: F401  (registers the layer rules)
-from meshpar.models.gpt import GPT, GPTConfig, init_params
+from meshpar.models.gpt import GPT, GPTConfig
+from meshpar.models.gpt import Block as GPTLayer
 from meshpar.sharding import unshard
 from meshpar.sharding.tensor import ShardedTensor
 
-CFG = GPTConfig(vocab_size=23, block_size=8, n_layer=2, n_head=2, n_embd=8)
+CFG = GPTConfig(vocab_size=24, block_size=8, n_layer=2, n_head=2, n_embd=8)
 
 
 class Block(nn.Module):
@@ -97,11 +98,11 @@ def test_gpt_pipeline_blocks(policy):
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, CFG.vocab_size, (2, 8), generator=g)
     tgt = torch.randint(0, CFG.vocab_size, (2, 8), generator=g)
-    ref_gpt = GPT(CFG, params=init_params(CFG, 0, torch.float64))
+    ref_gpt = GPT(CFG, seed=0, dtype=torch.float64)
     ref = _gpt_grads(ref_gpt, ref_gpt.pipeline_blocks(), idx, tgt)
-    gpt = GPT(CFG, params=init_params(CFG, 0, torch.float64))
+    gpt = GPT(CFG, seed=0, dtype=torch.float64)
     blocks = gpt.pipeline_blocks()
-    mm.checkpoint_activations(blocks, policy, blocks=lambda n, m: getattr(m, "kind", None) == "layer")
+    mm.checkpoint_activations(blocks, policy, blocks=lambda n, m: isinstance(m, GPTLayer))
     got = _gpt_grads(gpt, blocks, idx, tgt)
     assert torch.allclose(got[0], ref[0], atol=1e-13, rtol=0)
     for n in ref[1]:
@@ -109,20 +110,20 @@ def test_gpt_pipeline_blocks(policy):
 
 
 def _tp_rank(mesh, policy):
-    from meshpar.models.plans import make_plan, unpad
-    plan = make_plan("1d", mesh)
+    from meshpar.models.plans import parallel_plan, place_batch
+    from meshpar.parallel import parallelize
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, CFG.vocab_size, (2, 8), generator=g)
     tgt = torch.randint(0, CFG.vocab_size, (2, 8), generator=g)
-    gpt = GPT(CFG, plan, params=init_params(CFG, 0, torch.float64))
+    gpt = parallelize(GPT(CFG, seed=0, dtype=torch.float64), mesh, parallel_plan("gpt", "1d"))
     blocks = gpt.pipeline_blocks()
-    mm.checkpoint_activations(blocks, policy, blocks=lambda n, m: getattr(m, "kind", None) == "layer")
-    from meshpar.nn.functional import cross_entropy
+    mm.checkpoint_activations(blocks, policy, blocks=lambda n, m: isinstance(m, GPTLayer))
     logits = blocks(idx)
-    loss = cross_entropy(logits, plan.place(tgt, "targets"), ignore_index=-1, vocab_size=CFG.vocab_size)
+    tgt = place_batch(tgt, logits.spec.__class__(*(logits.spec[i] for i in range(2))), mesh, ())
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, CFG.vocab_size), tgt.reshape(-1))
     loss = unshard(loss) if isinstance(loss, ShardedTensor) else loss
     loss.backward()
-    return float(loss), {n: unpad(n, unshard(p.grad) if isinstance(p.grad, ShardedTensor) else p.grad, CFG)
+    return float(loss), {n: unshard(p.grad) if isinstance(p.grad, ShardedTensor) else p.grad
                          for n, p in gpt.named_parameters()}
 
 
@@ -131,7 +132,7 @@ def test_tensor_parallel_gpt(pool, policy):
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, CFG.vocab_size, (2, 8), generator=g)
     tgt = torch.randint(0, CFG.vocab_size, (2, 8), generator=g)
-    ref_gpt = GPT(CFG, params=init_params(CFG, 0, torch.float64))
+    ref_gpt = GPT(CFG, seed=0, dtype=torch.float64)
     ref_loss, ref_grads = _gpt_grads(ref_gpt, ref_gpt.pipeline_blocks(), idx, tgt)
     for loss, grads in pool.run(_tp_rank, (2,), ("tp",), policy):
         assert abs(loss - float(ref_loss)) < 1e-12

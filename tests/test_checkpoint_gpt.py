@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from meshpar.models.gpt import GPT, GPTConfig, loss_fn
-from meshpar.train import context_for, initialize, latest_checkpoint, load_full, make_plan, save_checkpoint
+from meshpar.models.gpt import GPT, GPTConfig
+from meshpar.train import context_for, initialize, latest_checkpoint, load_full, parallelize_model, save_checkpoint
 
 GCFG = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_embd=32)
 
@@ -19,7 +19,7 @@ def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _engine(mesh, mode: str, seed: int):
     tensor = None if mode == "dense" else dict(size=4, mode=mode)
     ctx = context_for(dict(parallel=dict(data=1, tensor=tensor), seed=seed), mesh=mesh)
-    model = GPT(GCFG, plan=make_plan(ctx), seed=seed, dtype=torch.float64)
+    model = parallelize_model(GPT(GCFG, seed=seed, dtype=torch.float64), ctx)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     engine, *_ = initialize(model, opt, None, ctx=ctx)
     return engine
@@ -37,7 +37,10 @@ def _train_step(engine, seed: int) -> float:
 @torch.no_grad()
 def _eval(engine, seed: int) -> float:
     x, y = _batch(seed)
-    return float(engine(x, y, train=False))
+    engine.eval()
+    out = float(engine(x, y))
+    engine.train()
+    return out
 
 
 def _save_2d(mesh, root: str):
@@ -67,5 +70,7 @@ def test_gpt_2d_to_1d_to_one_process(pool, tmp_path):
     assert abs(b1 - b2) < 1e-10 and abs(a1 - a2) < 1e-10, (b2, b1, a2, a1)
     params = load_full(latest_checkpoint(root), "model.")  # one process, no torch.distributed world
     x, y = _batch(100)
-    dense = float(loss_fn(params, x, y, GCFG))
+    model = GPT(GCFG, dtype=torch.float64)
+    model.load_state_dict(params)
+    dense = float(model(x, y))
     assert abs(dense - b2) < 1e-10

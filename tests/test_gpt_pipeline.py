@@ -1,30 +1,33 @@
-"""The GPT as pipeline blocks: loss and every parameter gradient equal the dense GPT (float64),
-for pipe alone, pipe x data and pipe x data x tp (1d plan inside the stages); forward-only
-evaluation; gathering the stages' weights; and the training engine end to end (clipping over
-stages, checkpoints that load without the pipeline)."""
+"""The plain GPT as pipeline blocks: loss and every parameter gradient equal the dense GPT (float64),
+for pipe alone, pipe x data and pipe x data x tp (the "gpt" 1d plan applied by ``parallelize`` before
+the split); forward-only evaluation; gathering the stages' weights; and the training engine end to end
+(clipping over stages, checkpoints that load without the pipeline)."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-import meshpar.nn  # noqa: F401  (registers the layer rules)
-from meshpar.models.gpt import GPT, GPTConfig, init_params, loss_fn
-from meshpar.models.plans import make_plan, unpad
-from meshpar.nn.functional import cross_entropy
+import meshpar as mp
+from meshpar.models.gpt import GPT, GPTConfig
+from meshpar.models.plans import parallel_plan, place_batch
+from meshpar.parallel import parallelize
 from meshpar.pipeline import Pipeline
-from meshpar.sharding import unshard
-from meshpar.sharding.tensor import ShardedTensor
 
-CFG = GPTConfig(vocab_size=37, block_size=8, n_layer=2, n_head=4, n_embd=16)
+CFG = GPTConfig(vocab_size=40, block_size=8, n_layer=2, n_head=4, n_embd=16)
 
 
-def _params(cfg: GPTConfig, seed: int) -> dict[str, torch.Tensor]:
-    """init_params with every tensor perturbed, so biases and norm weights are exercised too."""
-    p = init_params(cfg, seed, torch.float64)
+def build(cfg: GPTConfig, seed: int) -> GPT:
+    """A float64 GPT with every tensor perturbed, so biases and norm weights are exercised too."""
+    model = GPT(cfg, seed=seed, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed + 1)
-    return {n: t + 0.05 * torch.randn(t.shape, generator=g, dtype=torch.float64) for n, t in p.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    return model
 
 
 def _data(cfg: GPTConfig, B: int, T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,64 +36,66 @@ def _data(cfg: GPTConfig, B: int, T: int, seed: int) -> tuple[torch.Tensor, torc
     return idx, torch.randint(0, cfg.vocab_size, (B, T), generator=g)
 
 
-class Loss:
-    """Cross-entropy of (possibly sharded, vocab-padded) logits: the example's GPTLoss."""
-
-    def __init__(self, gpt: GPT):
-        self.gpt = gpt
-
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if isinstance(logits, ShardedTensor):
-            targets = self.gpt.plan.place(targets, "targets")
-        loss = cross_entropy(logits, targets, ignore_index=-1, vocab_size=self.gpt.cfg.vocab_size)
-        return unshard(loss) if isinstance(loss, ShardedTensor) else loss
+def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The example's criterion: the targets take the logits' batch layout; a plain scalar."""
+    if isinstance(logits, mp.ShardedTensor):
+        spec = mp.P(*(logits.spec[i] if i < len(logits.spec) else None for i in range(2)))
+        # a plain tensor is this data rank's local batch (the batch contract); a ShardedTensor is resharded
+        targets = place_batch(targets, spec, logits.mesh, ("data",) if "data" in logits.mesh.names else ())
+    out = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+    return mp.unshard(out) if isinstance(out, mp.ShardedTensor) else out
 
 
-def _full(name: str, t: torch.Tensor) -> torch.Tensor:
-    return unpad(name, unshard(t) if isinstance(t, ShardedTensor) else t, CFG)
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return mp.unshard(t) if isinstance(t, mp.ShardedTensor) else t
 
 
 def _pipe_gpt(mesh, mode: str, schedule: str, m: int, chunks: int):
-    plan = make_plan("dense") if mode == "dense" else make_plan(mode, mesh)
-    gpt = GPT(CFG, plan, params=_params(CFG, 3))
+    gpt = build(CFG, 3)
+    start = {n: p.detach().clone() for n, p in gpt.named_parameters()}
+    if mode != "dense":
+        parallelize(gpt, mesh, parallel_plan("gpt", mode, data=("data",) if "data" in mesh.names else ()),
+                    pipe_axes=("pipe",))
+    names = {id(p): n for n, p in gpt.named_parameters()}
     x, y = _data(CFG, 8, 6, 3)
     data_axes = None
     if "data" in mesh.names:  # the batch contract: each data replica takes its block of the global batch
         nd, d = mesh.size("data"), mesh.coord("data")
         x, y = x.chunk(nd)[d], y.chunk(nd)[d]
         # plain tensors: the pipeline averages over data; a plan: the sharding core reduces over its axes
-        data_axes = "data" if plan.dense else None
-    pipe = Pipeline(gpt.pipeline_blocks(), mesh, Loss(gpt), schedule=schedule, num_microbatches=m, chunks=chunks,
+        data_axes = "data" if mode == "dense" else None
+        if mode != "dense":  # the engine's placement: this data rank's block, from_local over "data"
+            x, y = mp.from_local(x, mp.P("data"), mesh), mp.from_local(y, mp.P("data"), mesh)
+    pipe = Pipeline(gpt.pipeline_blocks(), mesh, loss, schedule=schedule, num_microbatches=m, chunks=chunks,
                     data_axes=data_axes)
     for _ in range(2):  # the second step runs on cached activation shapes
         pipe.zero_grad(set_to_none=True)
-        loss = pipe.step(x, y)
-    grads = {name.split(".", 1)[1]: _full(name.split(".", 1)[1], p.grad) for name, p in pipe.named_block_parameters()}
+        out = pipe.step(x, y)
+    grads = {names[id(p)]: _full(p.grad) for p in pipe.parameters()}
     pipe.eval()
     ev = pipe.evaluate(x, y)
     # gathering: change this rank's stages, then every rank's GPT must hold every stage's change
     with torch.no_grad():
         for p in pipe.parameters():
-            (p._local if isinstance(p, ShardedTensor) else p).add_(1.0)
+            (p._local if isinstance(p, mp.ShardedTensor) else p).add_(1.0)
     pipe.gather_blocks(gpt.pipeline_blocks())
-    moved = max(float((_full(n, p) - t - 1.0).abs().max()) for (n, p), t in
-                zip(gpt.named_parameters(), _params(CFG, 3).values()))
-    return float(loss), float(ev), grads, moved
+    moved = max(float((_full(p) - start[n] - 1.0).abs().max()) for n, p in gpt.named_parameters())
+    return float(out), float(ev), grads, moved
 
 
 def _reference() -> tuple[float, dict[str, torch.Tensor]]:
-    params = {n: t.requires_grad_() for n, t in _params(CFG, 3).items()}
+    gpt = build(CFG, 3)
     x, y = _data(CFG, 8, 6, 3)
-    loss = loss_fn(params, x, y, CFG)
-    loss.backward()
-    return float(loss), {n: t.grad for n, t in params.items()}
+    out = gpt(x, y)
+    out.backward()
+    return float(out), {n: p.grad for n, p in gpt.named_parameters()}
 
 
 @pytest.mark.parametrize("mode,shape,names,schedule,m,chunks", [
     ("dense", (2,), ("pipe",), "1f1b", 4, 1),
     ("dense", (2, 4), ("pipe", "data"), "interleaved", 2, 2),      # pipe x data, 2 chunks per rank
     ("1d", (2, 2, 2), ("pipe", "data", "tp"), "1f1b", 2, 1),      # pipe x data x tp
-    ("1d", (2, 4), ("pipe", "tp"), "gpipe", 2, 1),                # pipe x tp (padded heads/vocab)
+    ("1d", (2, 2), ("pipe", "tp"), "gpipe", 2, 1),                # pipe x tp
 ])
 def test_gpt_pipeline_equals_dense(pool, mode, shape, names, schedule, m, chunks):
     if math.prod(shape) > pool.world_size:
@@ -110,14 +115,11 @@ def test_gpt_pipeline_equals_dense(pool, mode, shape, names, schedule, m, chunks
 
 
 def test_gpt_blocks_are_the_model():
-    gpt = GPT(CFG, params=_params(CFG, 5))
+    gpt = build(CFG, 5)
     blocks = gpt.pipeline_blocks()
     x, _ = _data(CFG, 2, 8, 5)
     assert torch.equal(blocks(x), gpt(x))
-    assert [n.split(".", 1)[1] for n, _ in blocks.named_parameters()] == list(gpt.params())
-    assert all(a is b for a, b in zip(blocks.parameters(), gpt.parameters()))  # shared, not copied
-    with pytest.raises(ValueError, match="no dropout"):
-        GPT(GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=4, dropout=0.1)).pipeline_blocks()
+    assert {id(p) for p in blocks.parameters()} == {id(p) for p in gpt.parameters()}  # shared, not copied
 
 
 # ----------------------------------------------------------------------------- the training engine
@@ -129,9 +131,9 @@ def _engine(mesh, pipeline: int, data: int, seed: int):
     par = dict(pipeline=pipeline, data=data)
     extra = dict(pipeline_schedule=dict(schedule="1f1b", num_microbatches=2)) if pipeline > 1 else {}
     ctx = context_for(dict(ECFG, parallel=par, **extra), mesh=mesh)
-    gpt = GPT(CFG, params=_params(CFG, seed))
+    gpt = build(CFG, seed)
     opt = lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)  # noqa: E731
-    engine, *_ = initialize(gpt, opt, Loss(gpt), ctx=ctx)
+    engine, *_ = initialize(gpt, opt, loss, ctx=ctx)
     return engine
 
 
@@ -154,7 +156,8 @@ def _pipe_engine(mesh, root: str):
             save_checkpoint(root, 2, tensors, extra, mesh=mesh)
     gpt = engine.gather_model()
     x, y = _data(CFG, 8, 8, 100)
-    return losses, float(loss_fn(gpt.params(), x, y, CFG))
+    with torch.no_grad():
+        return losses, float(gpt(x, y))
 
 
 def _dense_resume(mesh, root: str):
@@ -165,23 +168,24 @@ def _dense_resume(mesh, root: str):
     loss = engine.train_batch(_shard(mesh, 2))
     engine.step()
     x, y = _data(CFG, 8, 8, 100)
-    return float(loss), float(loss_fn(engine.model.params(), x, y, CFG))
+    with torch.no_grad():
+        return float(loss), float(engine.model(x, y))
 
 
 def _reference_training() -> tuple[list[float], float]:
     """The same three AdamW steps (clipped to the global norm) on the whole batch, in one process."""
-    params = {n: t.requires_grad_() for n, t in _params(CFG, 3).items()}
-    opt = torch.optim.AdamW(list(params.values()), lr=1e-2, weight_decay=0.1)
+    gpt = build(CFG, 3)
+    opt = torch.optim.AdamW(gpt.parameters(), lr=1e-2, weight_decay=0.1)
     losses = []
     for s in range(3):
         opt.zero_grad()
-        loss = loss_fn(params, *_data(CFG, 8, 8, s), CFG)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), ECFG["clip_grad_norm"])
+        out = gpt(*_data(CFG, 8, 8, s))
+        out.backward()
+        torch.nn.utils.clip_grad_norm_(gpt.parameters(), ECFG["clip_grad_norm"])
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(out))
     with torch.no_grad():
-        return losses, float(loss_fn(params, *_data(CFG, 8, 8, 100), CFG))
+        return losses, float(gpt(*_data(CFG, 8, 8, 100)))
 
 
 def test_gpt_pipeline_engine_matches_dense_and_resumes_unpipelined(pool, tmp_path):

@@ -49,8 +49,6 @@ for fn in (torch.tanh, lambda t: t.sum(0), lambda t: t * 2 + 1):
 assert torch.allclose(mp.unshard(mp.reshard(xs, P(names[0], None)).softmax(-1)), X.softmax(-1))
 if True:  # ring SDPA over "x" (balanced zigzag layout when x > 1; fused CUDA blocks), GPT in the 2D plan
     import torch.nn.functional as F
-    from meshpar.models.gpt import GPTConfig, init_params, loss_fn
-    from meshpar.models.plans import make_plan, shard_params, unpad
     gen = torch.Generator(device=dev).manual_seed(1)
     S = 128 * mesh.size("x")  # divisible by the 2*x zigzag chunks
     Q, K, V, G = (torch.randn(1, 4, S, 64, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(4))
@@ -66,18 +64,21 @@ if True:  # ring SDPA over "x" (balanced zigzag layout when x > 1; fused CUDA bl
     for a, b in ((qs, qr), (ks, kr), (vs, vr)):
         assert rel(mp.unshard(a.grad), b.grad) < 3e-2, rel(mp.unshard(a.grad), b.grad)
 if mesh.size("x") == mesh.size("y"):  # the 2D plan needs a square grid
-    cfg = GPTConfig(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32)
-    idx = torch.randint(0, 37, (2, 16), device=dev, generator=gen)
-    dense = {k: t.to(dev).requires_grad_() for k, t in init_params(cfg, 0, torch.float64).items()}
-    ld = loss_fn(dense, idx, idx, cfg)
+    import copy
+    from meshpar.models.gpt import GPT, GPTConfig
+    from meshpar.models.plans import parallel_plan
+    cfg = GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=4, n_embd=32)
+    idx = torch.randint(0, 40, (2, 16), device=dev, generator=gen)
+    dense = GPT(cfg, dtype=torch.float64).to(dev)
+    sharded = mp.parallelize(copy.deepcopy(dense), mesh, parallel_plan("gpt", "2d"))
+    ld = dense(idx, idx)
     ld.backward()
-    plan = make_plan("2d", mesh)
-    sp_ = {k: t.requires_grad_() for k, t in shard_params({k: v.detach() for k, v in dense.items()}, cfg, plan).items()}
-    ls = loss_fn(sp_, idx, idx, cfg, plan)
+    ls = mp.unshard(sharded(idx, idx))
     ls.backward()
     assert abs(float(ls) - float(ld)) < 1e-9 * abs(float(ld)), (float(ls), float(ld))
-    for k, t in sp_.items():
-        assert torch.allclose(unpad(k, mp.unshard(t.grad), cfg), dense[k].grad, rtol=1e-7, atol=1e-10), k
+    dp = dict(dense.named_parameters())
+    for k, t in sharded.named_parameters():
+        assert torch.allclose(mp.unshard(t.grad), dp[k].grad, rtol=1e-7, atol=1e-10), k
 if dist.get_rank() == 0:
     print("GPU CORE OK", n)
 dist.destroy_process_group()

@@ -7,21 +7,20 @@ import torch
 from torch import nn
 
 import meshpar.nn  # noqa: F401
-from meshpar.models.gpt import GPT, GPTConfig, init_params, param_shapes
+from meshpar.models.gpt import GPT, GPTConfig
 from meshpar.pipeline import Pipeline, build_stage, materialize, materialized_bytes, stage_block_indices
 
-CFG = GPTConfig(vocab_size=31, block_size=8, n_layer=6, n_head=2, n_embd=8)
+CFG = GPTConfig(vocab_size=32, block_size=8, n_layer=6, n_head=2, n_embd=8)
 
 
 def make_blocks(cfg: GPTConfig = CFG) -> nn.Sequential:
-    """The coupling to the model: a GPT built from placeholder tensors (no random init), as blocks."""
-    return GPT(cfg, params={n: torch.empty(s, dtype=torch.float64) for n, s in param_shapes(cfg).items()}
-               ).pipeline_blocks()
+    """The coupling to the model: the plain GPT (on the meta device under ``build_stage``), as blocks."""
+    return GPT(cfg, dtype=torch.float64).pipeline_blocks()
 
 
 def _dense_state() -> dict[str, torch.Tensor]:
-    """Sequential names (``"3.h.2.attn.q.weight"``) of the dense GPT's blocks -> values."""
-    gpt = GPT(CFG, params=init_params(CFG, 5, torch.float64))
+    """Sequential names (``"3.attn.q.weight"``) of the dense GPT's blocks -> values."""
+    gpt = GPT(CFG, seed=5, dtype=torch.float64)
     return {n: p.detach().clone() for n, p in gpt.pipeline_blocks().named_parameters()}
 
 
@@ -57,7 +56,7 @@ def _stage_rank(mesh, partition):
 
 
 def _dense_reference():
-    gpt = GPT(CFG, params=init_params(CFG, 5, torch.float64))
+    gpt = GPT(CFG, seed=5, dtype=torch.float64)
     blocks = gpt.pipeline_blocks()
     opt = torch.optim.AdamW(gpt.parameters(), lr=0.01)
     x, y = _data()

@@ -52,18 +52,20 @@ def test_exact_resume_data_parallel(pool, tmp_path):
 
 
 def _two_layouts(rank: int, world: int):
-    from meshpar.models.gpt import GPT, GPTConfig, loss_fn, init_params
-    from meshpar.train import make_plan
+    from meshpar import ShardedTensor, unshard
+    from meshpar.models.gpt import GPT, GPTConfig
+    from meshpar.train import parallelize_model
 
     gcfg = GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16)
     g = torch.Generator().manual_seed(0)
     t = torch.randint(0, 32, (8, 9), generator=g)
     a = context_for(dict(parallel=dict(tensor=dict(size=4, mode="2d"))))
     b = context_for(dict(parallel=dict(tensor=dict(size=4, mode="1d"))))
-    ma = GPT(gcfg, plan=make_plan(a), seed=5, dtype=torch.float64)
-    mb = GPT(gcfg, plan=make_plan(b), seed=5, dtype=torch.float64)
-    la, lb = float(ma(t[:, :-1], t[:, 1:])), float(mb(t[:, :-1], t[:, 1:]))
-    dense = float(loss_fn(init_params(gcfg, 5, torch.float64), t[:, :-1], t[:, 1:], gcfg))
+    ma = parallelize_model(GPT(gcfg, seed=5, dtype=torch.float64), a)
+    mb = parallelize_model(GPT(gcfg, seed=5, dtype=torch.float64), b)
+    full = lambda l: float(unshard(l) if isinstance(l, ShardedTensor) else l)  # noqa: E731
+    la, lb = full(ma(t[:, :-1], t[:, 1:])), full(mb(t[:, :-1], t[:, 1:]))
+    dense = float(GPT(gcfg, seed=5, dtype=torch.float64)(t[:, :-1], t[:, 1:]))
     seeds = (a.seed_for(()), a.seed_for("x"), a.mesh.coord("x"), a.seed_for(a.mesh.names))
     with a.rng("x"):
         draw = torch.rand(2).tolist()

@@ -30,10 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import decode, load_tokens  # noqa: E402
 
 import meshpar.train as mt  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import meshpar as mp  # noqa: E402
 from meshpar.models.gpt import GPT, GPTConfig  # noqa: E402
-from meshpar.nn.functional import cross_entropy  # noqa: E402
-from meshpar.sharding.api import unshard  # noqa: E402
-from meshpar.sharding.tensor import ShardedTensor  # noqa: E402
+from meshpar.models.plans import place_batch  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,30 +65,26 @@ def start(config: str, ov: dict) -> mt.Context:
     return mt.launch(config, rank=0, world_size=1, port=port, overrides=ov)
 
 
-class GPTLoss:
-    """Cross-entropy of (possibly sharded, vocab-padded) logits; a plain scalar on every rank."""
+def gpt_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits ``[B, T, V]`` (possibly sharded) over targets != -1; a plain scalar.
 
-    def __init__(self, model: GPT):
-        self.model = model
-
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if isinstance(logits, ShardedTensor):
-            targets = self.model.plan.place(targets, "targets")
-        loss = cross_entropy(logits, targets, ignore_index=-1, vocab_size=self.model.cfg.vocab_size)
-        return unshard(loss) if isinstance(loss, ShardedTensor) else loss
+    Sharded logits: the targets (this data rank's block, placed by the engine) take the logits'
+    batch/sequence layout (a free local slice), and the loss is vocab-parallel."""
+    if isinstance(logits, mp.ShardedTensor):
+        spec = mp.P(*(logits.spec[i] if i < len(logits.spec) else None for i in range(2)))
+        # a plain tensor is this data rank's local batch (the batch contract); a ShardedTensor is resharded
+        targets = place_batch(targets, spec, logits.mesh, ("data",) if "data" in logits.mesh.names else ())
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+    return mp.unshard(loss) if isinstance(loss, mp.ShardedTensor) else loss
 
 
 def micro_step(engine: mt.Engine, batch) -> torch.Tensor:
-    """One micro-batch; dropout masks are seeded by (step, micro-batch): reproducible in every layout.
-
-    With a pipeline the whole schedule runs here (``engine.train_batch``; the GPT pipeline blocks
-    have no dropout)."""
+    """One micro-batch (with a pipeline the whole schedule runs here: ``engine.train_batch``)."""
     x, y = batch
     x, y = x.to(engine.ctx.device), y.to(engine.ctx.device)
     if engine.pipeline is not None:
         return engine.train_batch((x, y))
-    seed = engine.global_step * engine.accum + engine.micro
-    loss = engine.criterion(engine(x, seed=seed), y)
+    loss = engine.criterion(engine(x), y)
     engine.backward(loss)
     return loss.detach()
 
@@ -122,7 +119,7 @@ def main(argv=None, ctx: mt.Context | None = None) -> dict:
     gcfg = GPTConfig(vocab_size=vocab, block_size=block, n_layer=int(model_cfg.get("n_layer", 2)),
                      n_head=int(model_cfg.get("n_head", 4)), n_embd=int(model_cfg.get("n_embd", 64)),
                      dropout=float(model_cfg.get("dropout", 0.0)), bias=bool(model_cfg.get("bias", True)))
-    model = GPT(gcfg, plan=mt.make_plan(ctx), seed=cfg.seed)
+    model = mt.parallelize_model(GPT(gcfg, seed=cfg.seed), ctx)  # the config's layout, applied from outside
     opt_cfg = cfg.section("optimizer")
     lr = float(opt_cfg.get("lr", 3e-3))
     # a factory: with a pipeline each rank optimizes only its stages' parameters
@@ -130,7 +127,7 @@ def main(argv=None, ctx: mt.Context | None = None) -> dict:
         params, lr=lr, betas=tuple(opt_cfg.get("betas", (0.9, 0.95))),
         weight_decay=float(opt_cfg.get("weight_decay", 0.0)))
     sched = lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(int(train_cfg.get("warmup", 10)), steps))  # noqa
-    engine, train_dl, val_dl, _ = mt.initialize(model, optimizer, GPTLoss(model), train_dl, val_dl,
+    engine, train_dl, val_dl, _ = mt.initialize(model, optimizer, gpt_loss, train_dl, val_dl,
                                                 lr_scheduler=sched, ctx=ctx)
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = 6 * n_params + 12 * gcfg.n_layer * block * gcfg.n_embd
@@ -149,7 +146,9 @@ def main(argv=None, ctx: mt.Context | None = None) -> dict:
     engine.eval()
     model = engine.gather_model()  # the whole GPT on every rank (with a pipeline: every stage's weights)
     model.eval()
-    sample = model.generate(prompt, int(train_cfg.get("sample_tokens", 100)), temperature=0.8, top_k=20, seed=0)
+    multiple = cfg.parallel.sequence_size  # a split sequence must divide
+    sample = model.generate(prompt, int(train_cfg.get("sample_tokens", 100)), temperature=0.8, top_k=20, seed=0,
+                            multiple=multiple, gather=mp.unshard)
     result = {"losses": losses, "val_loss": val, "sample": decode(sample[0].tolist(), vocab), "mesh": repr(mesh)}
     if ctx.rank == 0:
         curve = read_curve(out / "metrics.jsonl")  # the whole run, including steps before a resume

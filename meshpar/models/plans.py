@@ -1,4 +1,12 @@
-"""Parallelism plans for the functional GPT: a mode is a table of specs, nothing else.
+"""Parallelism plans as tables of specs.
+
+* :data:`TABLES` / :func:`parallel_plan` (bottom of this module): the plans that
+  :func:`meshpar.parallelize` applies from outside to plain models: meshpar's GPT (``"gpt"``: 1d, 2d,
+  2.5d, sp, 1d+sp), a nanoGPT-style module, Hugging Face GPT-2 and Llama.
+* :class:`Plan` / :func:`make_plan` / :func:`shard_params` (LEGACY, for the functional GPT of
+  :mod:`meshpar.models.gpt_functional`, kept while the plain GPT has no 3d table), described below.
+
+Legacy: parallelism plans for the functional GPT: a mode is a table of specs, nothing else.
 
 A :class:`Plan` assigns a :class:`~meshpar.P` to every parameter (by its *role*) and to the
 activations, and says to which multiples the vocabulary, hidden, head and MLP sizes are padded
@@ -454,25 +462,73 @@ _HF_LLAMA_SP = {
     "model.norm>": ((), ("B",)),
 }
 
-#: model -> mode -> table; the mode's axes: 1d (tp), 2d (x, y), sp (sp)
+# meshpar's own GPT (meshpar.models.gpt: separate q/k/v, untied LM head, nn.Linear [out, in])
+_GPT_1D = {
+    "wte.weight": "vocab",
+    "h.*.attn.[qkv]": "colwise", "h.*.attn.proj": "rowwise",
+    "h.*.mlp.fc": "colwise", "h.*.mlp.proj": "rowwise",
+    "lm_head.weight": "colwise",
+    ">": ((("B",), ("B",)), None),  # the root: idx and targets are local batches
+    "wte>": ((("B",),), None),  # the token ids as the root lays them out (pipeline blocks start here)
+}
+_GPT_2D = {
+    "wte.weight": (None, "y"), "wpe.weight": (None, "y"),
+    "h.*.ln_*": ("y",), "ln_f.*": ("y",),
+    "h.*.attn.*": "summa", "h.*.mlp.*": "summa", "lm_head.weight": "summa",
+    ">": ((("B",), ("B",)), None),
+    "wte>": ((("B",),), None),  # the token ids as the root lays them out (pipeline blocks start here)
+}
+_GPT_25D = {
+    "wte.weight": (None, "y"), "wpe.weight": (None, "y"),
+    "h.*.ln_*": ("y",), "ln_f.*": ("y",),
+    "h.*.attn.*": "tesseract", "h.*.mlp.*": "tesseract", "lm_head.weight": "tesseract",
+    ">": ((("B",), ("B",)), None),
+    "wte>": ((("B",),), None),  # the token ids as the root lays them out (pipeline blocks start here)
+}
+_GPT_SP = {
+    # parameters replicated (gradients summed over sp); every activation split on the sequence (ring or
+    # all-to-all attention in SDPA); the logits are gathered over the sequence before logits.reshape(-1, V)
+    # (merging a split sequence into the batch is not supported)
+    ">": ((("B", "sp"), ("B",)), None),
+    "lm_head>": ((), ("B",)),
+    "wte>": ((("B", "sp"),), None),  # the token ids as the root lays them out (pipeline blocks start here)
+}
+_GPT_1D_SP = {
+    "wte.weight": "vocab",
+    "h.*.attn.[qkv]": "colwise", "h.*.attn.proj": "rowwise",
+    "h.*.mlp.fc": "colwise", "h.*.mlp.proj": "rowwise",
+    "lm_head.weight": "colwise",
+    ">": ((("B", "sp"), ("B",)), None),
+    "lm_head>": ((), ("B", None, "tp")),
+    "wte>": ((("B", "sp"),), None),  # the token ids as the root lays them out (pipeline blocks start here)
+}
+
+#: model -> mode -> table; the mode's axes: 1d (tp), 2d (x, y), 2.5d (d, x, y), sp (sp), 1d+sp (tp, sp)
 TABLES = {
+    "gpt": {"1d": _GPT_1D, "2d": _GPT_2D, "2.5d": _GPT_25D, "sp": _GPT_SP, "1d+sp": _GPT_1D_SP},
     "nanogpt": {"1d": _NANO_1D, "2d": _NANO_2D, "sp": _NANO_SP},
     "hf_gpt2": {"1d": _HF_GPT2_1D, "2d": _HF_GPT2_2D},
     "hf_llama": {"1d": _HF_LLAMA_1D, "2d": _HF_LLAMA_2D, "sp": _HF_LLAMA_SP},
 }
-_MODE_AXES = {"1d": ("tp",), "2d": ("x", "y"), "sp": ("sp",)}
-_STYLE_AXES = {"colwise": ("tp",), "rowwise": ("tp",), "vocab": ("tp",), "summa": ("x", "y")}
+_MODE_AXES = {"1d": ("tp",), "2d": ("x", "y"), "2.5d": ("d", "x", "y"), "sp": ("sp",), "1d+sp": ("tp", "sp")}
+_STYLE_AXES = {"colwise": ("tp",), "rowwise": ("tp",), "vocab": ("tp",), "summa": ("x", "y"),
+               "tesseract": ("d", "x", "y")}
+#: the mode's own axes the activations' batch dim is split over (after the data axes)
+_BATCH_AXES = {"2d": ("x",), "2.5d": ("d", "x")}
 
 
-def parallel_plan(model: str, mode: str, *, data: Sequence[str] = (), **axes: str) -> dict:
+def parallel_plan(model: str, mode: str, *, data: Sequence[str] = (), balanced: bool = False,
+                  **axes: str) -> dict:
     """The :func:`~meshpar.parallelize.parallelize` plan of ``model`` in ``mode`` on the caller's axis names.
 
     Args:
-        model: a key of :data:`TABLES` (``"nanogpt"``, ``"hf_gpt2"``, ``"hf_llama"``).
+        model: a key of :data:`TABLES` (``"gpt"``, ``"nanogpt"``, ``"hf_gpt2"``, ``"hf_llama"``).
         mode: ``"1d"``, ``"2d"`` or ``"sp"``.
         data: the data-parallel axes (batch), e.g. ``("data",)``.
+        balanced: sequence-parallel modes: lay the sequence out ``Zigzag(sp)`` (load-balanced causal
+            ring attention; rank ``r`` holds chunks ``r`` and ``2sp-1-r``).
         **axes: the mode's axes under their table names mapped to yours, e.g. ``tp="model"``
-            (default: the table names ``tp``, ``x``, ``y``, ``sp``).
+            (default: the table names ``tp``, ``x``, ``y``, ``d``, ``sp``).
     Returns:
         ``{glob: P | Style | Layouts}``.
     Raises:
@@ -486,11 +542,15 @@ def parallel_plan(model: str, mode: str, *, data: Sequence[str] = (), **axes: st
     unknown = set(axes) - set(names)
     if unknown:
         raise ShardingError(f"mode {mode!r} has axes {_MODE_AXES[mode]}; got unknown {sorted(unknown)}")
-    batch = tuple(data) + ((names["x"],) if mode == "2d" else ())
+    if balanced and "sp" not in names:
+        raise ShardingError(f"balanced=True is a sequence-parallel layout; mode {mode!r} does not split the sequence")
+    batch = tuple(data) + tuple(names[a] for a in _BATCH_AXES.get(mode, ()))
 
     def entry(e):
         if e == "B":
             return batch if batch else None
+        if e == "sp" and balanced:
+            return Zigzag(names["sp"])
         return names[e] if isinstance(e, str) else e
 
     def spec(t):

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ..ops.attention.options import sequence_parallel
 from ..sharding.tensor import ShardedTensor
 from . import batch as B
 from .config import ConfigError
@@ -89,7 +90,8 @@ def _load_masters(opt: Any, masters: dict[int, torch.Tensor]) -> None:
 
 
 def make_plan(ctx: Context | None = None):
-    """The model plan of the context's mode on its mesh (``meshpar.models.plans.make_plan``).
+    """LEGACY (the functional GPT of :mod:`meshpar.models.gpt_functional`, kept for 3d): the model plan
+    of the context's mode on its mesh (``meshpar.models.plans.make_plan``). Use :func:`parallelize_model`.
 
     With ``parallel.sequence.size > 1`` the plan is "sp" (no tensor mode) or "1d+sp" (tensor mode
     "1d"), with ``parallel.sequence.mode`` ("ring" / "all_to_all") as its attention variant.
@@ -106,6 +108,48 @@ def make_plan(ctx: Context | None = None):
         return _make_plan(mode, ctx.mesh, sequence_mode=par.sequence_mode)
     mode = par.mode
     return _make_plan(mode, None if mode == "dense" else ctx.mesh)
+
+
+def model_plan(ctx: Context | None = None, model: str = "gpt") -> dict | None:
+    """The :func:`~meshpar.parallelize` plan of the context's layout for a model of
+    :data:`meshpar.models.plans.TABLES` (default meshpar's GPT); None in dense mode.
+
+    The mode is the tensor mode (``"1d"``, ``"2d"``, ``"2.5d"``); with ``parallel.sequence.size > 1``
+    it is ``"sp"`` (no tensor mode) or ``"1d+sp"`` (tensor mode ``"1d"``). The batch is split over
+    ``"data"`` (each data rank's batch is its local block, the batch contract). The sequence-parallel
+    attention algorithm (``parallel.sequence.mode``) is set by the engine around each forward.
+
+    Raises:
+        ConfigError: a sequence split with a tensor mode other than "1d".
+        ShardingError: the model has no table for the mode.
+    """
+    from ..models.plans import parallel_plan
+
+    ctx = current_context(ctx, what="model_plan()")
+    par = ctx.config.parallel
+    if par.sequence_size > 1:
+        if par.tensor_mode not in (None, "1d"):
+            raise ConfigError(f"parallel.sequence > 1 combines with tensor mode '1d' (or none) in the GPT plans, "
+                              f"got tensor mode {par.tensor_mode!r}; use tensor=dict(size=N, mode='1d')")
+        return parallel_plan(model, "sp" if par.tensor_mode is None else "1d+sp", data=("data",))
+    if par.mode == "dense":
+        return None
+    return parallel_plan(model, par.mode, data=("data",))
+
+
+def parallelize_model(model: nn.Module, ctx: Context | None = None, plan: dict | None = None) -> nn.Module:
+    """Lay ``model`` out for the context (in place; returns it): :func:`~meshpar.parallelize` with
+    ``plan`` (default :func:`model_plan`, meshpar's GPT) on the context's mesh, batch axis ``"data"``,
+    pipeline axis ``"pipe"``. A dense layout returns the model unchanged."""
+    from ..parallel import parallelize
+
+    ctx = current_context(ctx, what="parallelize_model()")
+    plan = model_plan(ctx) if plan is None else plan
+    if plan is None:
+        return model
+    mesh = ctx.mesh
+    return parallelize(model, mesh, plan, data_axes=("data",),
+                       pipe_axes=("pipe",) if "pipe" in mesh.names else ())
 
 
 class Engine:
@@ -207,7 +251,8 @@ class Engine:
                                "engine.train_batch((x, y)) (forward and backward of every micro-batch), "
                                "engine.eval_batch((x, y)), or engine.gather_model() for the whole model")
         args, kwargs = self.place((args, kwargs))
-        return self.model(*args, **kwargs)
+        with sequence_parallel(mode=self.ctx.config.parallel.sequence_mode):
+            return self.model(*args, **kwargs)
 
     def criterion(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The criterion of ``(output, labels, ...)``. Plain label tensors next to a ShardedTensor
@@ -287,7 +332,7 @@ def initialize(model: ModelLike, optimizer: OptimLike, criterion: Callable | Non
     """Shard, wrap and return ``(engine, train_dataloader, test_dataloader, lr_scheduler)``.
 
     Args:
-        model: an ``nn.Module`` already laid out for ``ctx`` (e.g. ``GPT(cfg, plan=make_plan(ctx))``)
+        model: an ``nn.Module`` already laid out for ``ctx`` (e.g. ``parallelize_model(GPT(cfg), ctx)``)
             or a factory ``model(ctx) -> nn.Module``. A plain module is used as is for data
             parallelism; with a tensor-parallel mode it must hold ShardedTensor parameters. With
             ``parallel.pipeline > 1``: a block list, or a module with ``pipeline_blocks()`` (the
@@ -321,7 +366,7 @@ def initialize(model: ModelLike, optimizer: OptimLike, criterion: Callable | Non
     sharded = any(isinstance(p, ShardedTensor) for p in model.parameters())
     if par.tensor_mode is not None and par.tensor_size > 1 and not sharded:
         raise ConfigError(f"parallel.tensor mode {par.tensor_mode!r} needs a model with sharded parameters; build "
-                          f"it with the plan, e.g. GPT(cfg, plan=meshpar.train.make_plan(ctx)), or pass a factory "
+                          f"it with the plan, e.g. meshpar.train.parallelize_model(GPT(cfg), ctx), or pass a factory "
                           f"model=lambda ctx: ...")
     if par.sequence_size > 1 and not sharded:
         raise ConfigError("parallel.sequence > 1 needs a model whose activations are sharded over 'sp'")

@@ -3,9 +3,9 @@ and its parameters named as in the whole model.
 
 The model given to :func:`~meshpar.train.engine.initialize` is split into blocks:
 
-* a module with a ``pipeline_blocks()`` method (e.g. :class:`meshpar.models.GPT`): its blocks,
-  which share its parameters; parameters keep the model's own names (``"wte"``,
-  ``"h.0.attn.q.weight"``), so checkpoints and exported weights are those of the un-pipelined
+* a module with a ``pipeline_blocks()`` method (e.g. :class:`meshpar.models.GPT`, parallelized
+  first): its blocks, which share its parameters; parameters keep the model's own names
+  (``"wte.weight"``, ``"h.0.attn.q.weight"``), so checkpoints and exported weights are those of the un-pipelined
   model and load in any layout, pipelined or not;
 * a list / ``nn.Sequential`` / ``nn.ModuleList`` of blocks: parameters are named as in
   ``nn.Sequential(*blocks)`` (``"<block index>.<name>"``).
@@ -87,6 +87,18 @@ def split_blocks(model: Any) -> tuple[list[Any], dict[int, str] | None]:
                       "module with a pipeline_blocks() method such as meshpar.models.GPT")
 
 
+def register_dotted(module: nn.Module, name: str, param: nn.Parameter) -> None:
+    """Register ``param`` under the dotted ``name`` (``"h.0.ln_1.weight"``), creating empty
+    sub-modules on the way, so ``module.named_parameters()`` yields ``name``."""
+    *path, leaf = name.split(".")
+    mod = module
+    for part in path:
+        if not hasattr(mod, part):
+            mod.add_module(part, nn.Module())
+        mod = getattr(mod, part)
+    mod.register_parameter(leaf, param)
+
+
 def build_pipeline(model: Any, criterion: Callable | None, ctx: Context) -> PipelineSetup:
     """A :class:`~meshpar.pipeline.Pipeline` over the config's ``pipe`` axis, with ``pipeline_schedule``
     options. Gradients are left to the optimizer wrapper (``data_axes=None``; ZeRO's ``no_sync``).
@@ -94,7 +106,6 @@ def build_pipeline(model: Any, criterion: Callable | None, ctx: Context) -> Pipe
     With ShardedTensor parameters, each micro-batch is placed as this data rank's block
     (``from_local(x, P("data"))``, :mod:`meshpar.train.batch`) by a forward pre-hook on the first
     block, and the targets likewise before the criterion."""
-    from ..models.gpt import register_dotted
     from ..pipeline import Pipeline
     from ..pipeline.blocks import as_module
 
