@@ -18,7 +18,8 @@ import torch
 from ..errors import ShardingError
 from ..mesh.collectives import _CURRENT_OP as _OP
 from .semantics import USER_OP, is_strict
-from .tensor import _FAST, _FAST_GRAD, ShardedTensor, fast_key, layout, local_fn_exec, same_call_exec
+from .spec import is_zigzag
+from .tensor import _FAST, _FAST_GRAD, Layout, ShardedTensor, fast_key, layout, local_fn_exec, same_call_exec
 
 Rule = Callable[[Callable, tuple, dict], Any]
 
@@ -93,11 +94,21 @@ class FastPaths:
         return self._table.get(key)
 
     def remember(self, key, executor) -> None:
-        if key is not None and len(self._table) < self._limit:
+        if key is not None and len(self._table) < self._limit and not _zigzag_in(key):
             self._table[key] = executor
 
     def clear(self) -> None:
         self._table.clear()
+
+
+def _zigzag_in(key: tuple) -> bool:
+    """Whether a memo key holds a :class:`~meshpar.Zigzag` layout. Such calls are never memoised:
+    the executors slice operands in contiguous blocks, and replaying one on a zigzag layout gave
+    wrong values (found in the balanced-sp GPT under ``no_grad``); they always re-plan."""
+    for k in key:
+        if type(k) is Layout and any(is_zigzag(k.spec.axes_of(d)) for d in range(len(k.spec.entries))):
+            return True
+    return False
 
 
 FAST = FastPaths(_FAST)
