@@ -8,7 +8,7 @@ the dense model (float64), then sample from it.
     torchrun --nproc-per-node 8 examples/tensor_parallel/gpt_modes.py --mode 2.5d        # 2x2x2 Tesseract
 
 The model is a plain nn.Module; only the plan table given to ``mp.parallelize`` changes (no 3d
-table yet: ``meshpar/models/gpt_functional.py`` with ``make_plan("3d", mesh)`` still runs 3D).
+table for the GPT yet; 3D layers run through ``mp.nn`` / the SUMMA-core specs directly).
 """
 from __future__ import annotations
 

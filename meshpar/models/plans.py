@@ -3,8 +3,8 @@
 * :data:`TABLES` / :func:`parallel_plan` (bottom of this module): the plans that
   :func:`meshpar.parallelize` applies from outside to plain models: meshpar's GPT (``"gpt"``: 1d, 2d,
   2.5d, sp, 1d+sp), a nanoGPT-style module, Hugging Face GPT-2 and Llama.
-* :class:`Plan` / :func:`make_plan` / :func:`shard_params` (LEGACY, for the functional GPT of
-  :mod:`meshpar.models.gpt_functional`, kept while the plain GPT has no 3d table), described below.
+* :class:`Plan` / :func:`make_plan` / :func:`shard_params` (LEGACY: the mode-level plan object;
+  ``Plan.place`` applies the batch contract, and the 3d layout lives here until the plain GPT has a 3d table), described below.
 
 Legacy: parallelism plans for the functional GPT: a mode is a table of specs, nothing else.
 

@@ -90,7 +90,7 @@ def _load_masters(opt: Any, masters: dict[int, torch.Tensor]) -> None:
 
 
 def make_plan(ctx: Context | None = None):
-    """LEGACY (the functional GPT of :mod:`meshpar.models.gpt_functional`, kept for 3d): the model plan
+    """LEGACY (mode-level :class:`~meshpar.models.plans.Plan`, e.g. for the 3d layout): the model plan
     of the context's mode on its mesh (``meshpar.models.plans.make_plan``). Use :func:`parallelize_model`.
 
     With ``parallel.sequence.size > 1`` the plan is "sp" (no tensor mode) or "1d+sp" (tensor mode
