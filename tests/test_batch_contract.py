@@ -110,8 +110,9 @@ CASES = [
     ("2d-data1", dict(data=1, tensor=dict(size=4, mode="2d")), {}, 4),
     ("2d-data2", dict(data=2, tensor=dict(size=4, mode="2d")), {}, 8),
     ("2.5d-data1", dict(data=1, tensor=dict(size=8, mode="2.5d", depth=2)), {}, 8),
-    pytest.param(("3d-data1", dict(data=1, tensor=dict(size=8, mode="3d")), {}, 8), id="3d-data1",
-                 marks=pytest.mark.xfail(strict=True, reason="no '3d' plan table for the plain GPT yet")),
+    ("3d-data1", dict(data=1, tensor=dict(size=8, mode="3d")), {}, 8),
+    # 16 ranks: runs with MESHPAR_TEST_WORLD=16 only (data x 3d on 8 ranks: tests/test_gpt.py "3d+data")
+    ("3d-data2", dict(data=2, tensor=dict(size=8, mode="3d")), {}, 16),
     ("sp-data1", dict(data=1, sequence=dict(size=4)), {}, 4),
     ("sp-data2", dict(data=2, sequence=dict(size=2)), {}, 4),
     ("1d+sp-data2", dict(data=2, tensor=dict(size=2, mode="1d"), sequence=dict(size=2)), {}, 8),

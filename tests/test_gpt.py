@@ -3,6 +3,7 @@ the dense model (float64): loss, every parameter gradient, and the parameters af
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -20,7 +21,14 @@ MESHES = {
     "2d": ((2, 2), ("x", "y")),
     "2d+data": ((2, 2, 2), ("data", "x", "y")),
     "2.5d": ((2, 2, 2), ("d", "x", "y")),
+    "3d": ((2, 2, 2), ("i", "j", "k")),
+    # data x 3d on 8 ranks: i = 1 (the j <-> k alternation of the batch and hidden splits is all there; the
+    # gather of w over i is trivial); the 2x2x2 cube with data=2 is tests/test_batch_contract.py's 16-rank case
+    "3d+data": ((2, 1, 2, 2), ("data", "i", "j", "k")),
 }
+#: (mode, bias) cases: every mode with and without biases; 3d once each (8 ranks on 2 cores are slow)
+GPT_CASES = [(m, b) for m in MESHES if not m.startswith("3d") for b in (True, False)] + [("3d", True),
+                                                                                        ("3d+data", False)]
 CFG = dict(vocab_size=40, block_size=8, n_layer=2, n_head=4, n_embd=16)
 
 
@@ -93,11 +101,10 @@ def _steps(mesh, mode, cfg, seed, steps, B, T, plan_kw=None, sp_mode="ring"):
     return errs, sharded
 
 
-@pytest.mark.parametrize("mode", list(MESHES))
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("mode,bias", GPT_CASES)
 def test_gpt_matches_dense(pool, mode, bias):
-    if len(MESHES[mode][0]) == 3 and pool.world_size < 8:
-        pytest.skip("needs 8 ranks (MESHPAR_TEST_WORLD=8)")
+    if math.prod(MESHES[mode][0]) > pool.world_size:
+        pytest.skip(f"needs {math.prod(MESHES[mode][0])} ranks (MESHPAR_TEST_WORLD={pool.world_size})")
     cfg = GPTConfig(**CFG, bias=bias)
     shape, names = MESHES[mode]
     for errs, sharded in pool.run(_steps, shape, names, mode, cfg, 3, 3, 4, 5):
@@ -114,9 +121,11 @@ def _logits(mesh, mode, cfg, seed):
     return tuple(out.shape), _rel(mp.unshard(out), ref)
 
 
-@pytest.mark.parametrize("mode", ["1d", "2d"])
+@pytest.mark.parametrize("mode", ["1d", "2d", "3d"])
 def test_logits_have_the_logical_vocab(pool, mode):
     """No padding anywhere: the logits are [B, T, vocab_size] in every layout."""
+    if math.prod(MESHES[mode][0]) > pool.world_size:
+        pytest.skip(f"needs {math.prod(MESHES[mode][0])} ranks (MESHPAR_TEST_WORLD={pool.world_size})")
     cfg = GPTConfig(**CFG)
     for shape, err in pool.run(_logits, *MESHES[mode], mode, cfg, 4):
         assert shape == (4, 5, cfg.vocab_size) and err < 1e-12

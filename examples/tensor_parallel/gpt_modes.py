@@ -6,9 +6,9 @@ the dense model (float64), then sample from it.
     torchrun --nproc-per-node 4 examples/tensor_parallel/gpt_modes.py --mode 2d          # 2x2 SUMMA
     torchrun --nproc-per-node 8 examples/tensor_parallel/gpt_modes.py --mode 2d --data 2
     torchrun --nproc-per-node 8 examples/tensor_parallel/gpt_modes.py --mode 2.5d        # 2x2x2 Tesseract
+    torchrun --nproc-per-node 8 examples/tensor_parallel/gpt_modes.py --mode 3d          # 2x2x2 cube
 
-The model is a plain nn.Module; only the plan table given to ``mp.parallelize`` changes (no 3d
-table for the GPT yet; 3D layers run through ``mp.nn`` / the SUMMA-core specs directly).
+The model is a plain nn.Module; only the plan table given to ``mp.parallelize`` changes.
 """
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ from meshpar.models.plans import parallel_plan
 from meshpar.sharding import unshard
 from _common import init
 
-AXES = {"1d": ("tp",), "2d": ("x", "y"), "2.5d": ("d", "x", "y")}
+AXES = {"1d": ("tp",), "2d": ("x", "y"), "2.5d": ("d", "x", "y"), "3d": ("i", "j", "k")}
 
 
 def build_mesh(mode: str, data: int) -> mp.Mesh:
     world = dist.get_world_size() // data
-    sizes = {"1d": (world,), "2d": (round(world ** 0.5),) * 2, "2.5d": None}
+    sizes = {"1d": (world,), "2d": (round(world ** 0.5),) * 2, "2.5d": None, "3d": (round(world ** (1 / 3)),) * 3}
     if mode == "2.5d":
         q = 2 if world >= 8 else 1
         sizes["2.5d"] = (world // (q * q), q, q)
@@ -71,7 +71,7 @@ def main() -> None:
     dense = GPT(cfg, dtype=torch.float64)
     data = ("data",) if "data" in mesh.names else ()
     sharded = mp.parallelize(copy.deepcopy(dense), mesh, parallel_plan("gpt", args.mode, data=data))
-    batch = 4 * mesh.size(tuple(a for a in mesh.names if a not in ("y", "tp")))
+    batch = 4 * mesh.size(tuple(a for a in mesh.names if a not in ("y", "tp", "k")))  # the batch splits
     ref = train(dense, args.steps, batch, 12)
     got = train(sharded, args.steps, batch, 12, mesh)
     dp = dict(dense.named_parameters())

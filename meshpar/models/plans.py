@@ -395,8 +395,11 @@ class Layouts:
 
 # Tables for :func:`meshpar.parallel.parallelize`: parameter globs -> style or spec template,
 # module globs -> activation layouts. A template is a tuple of entries, one per tensor dim, written
-# with the symbols ``"B"`` (the batch axes: the data axes, then the mode's own batch axes), ``"tp"``,
-# ``"x"``, ``"y"``, ``"sp"`` (the mode's axes); :func:`parallel_plan` substitutes the caller's axis names.
+# with the symbols ``"B"`` (the batch axes: the data axes, then the mode's own batch axes), ``"B'"`` (3d's
+# second batch layout: the data axes, then i, k; elsewhere the same as ``"B"``), ``"tp"``, ``"x"``, ``"y"``,
+# ``"d"``, ``"i"``, ``"j"``, ``"k"``, ``"sp"`` (the mode's axes); :func:`parallel_plan` substitutes the
+# caller's axis names. A value is a style name (on the mode's axes of :data:`_STYLE_AXES`), a
+# :class:`Style` naming table axes, or a spec template.
 # Keys ending in ``">"`` are module globs whose value is ``(input templates, output template)``.
 
 _NANO_1D = {
@@ -503,18 +506,39 @@ _GPT_1D_SP = {
     "wte>": ((("B", "sp"),), None),  # the token ids as the root lays them out (pipeline blocks start here)
 }
 
-#: model -> mode -> table; the mode's axes: 1d (tp), 2d (x, y), 2.5d (d, x, y), sp (sp), 1d+sp (tp, sp)
+# 3D (axes i, j, k; a q x q x q cube): the two kinds of linear layers alternate the layout. resid -> inner
+# (q/k/v, mlp.fc, lm_head: cube on (i, j, k), W[in, out] P(k, (j, i)), bias P(j)) takes x P(B, None, k) with
+# B = (data.., i, j) to P(B', None, j) with B' = (data.., i, k); inner -> resid (attn.proj, mlp.proj: cube on
+# (i, k, j), W P(j, (k, i)), bias P(k)) takes it back. The heads are split over j. Every activation gets its
+# layout from the weights' specs (the 3D rule); only the model's inputs are laid out: the token ids as the
+# residual stream's batch (B), the targets as the logits' batch (B').
+_CUBE_IN, _CUBE_OUT = Style("cube", ("i", "j", "k")), Style("cube", ("i", "k", "j"))
+_GPT_3D = {
+    "wte.weight": "cube",  # [V, C] P((i, j), k): the ids' batch axes split the vocabulary (vocab-parallel lookup)
+    "wpe.weight": (None, "k"),
+    "h.*.ln_*": ("k",), "ln_f.*": ("k",),
+    "h.*.attn.[qkv]": _CUBE_IN, "h.*.attn.proj": _CUBE_OUT,
+    "h.*.mlp.fc": _CUBE_IN, "h.*.mlp.proj": _CUBE_OUT,
+    "lm_head.weight": _CUBE_IN,  # logits [B, T, V] P(B', None, j)
+    ">": ((("B",), ("B'",)), None),  # the root: idx and targets are local batches
+    "wte>": ((("B",),), None),  # the token ids as the root lays them out (pipeline blocks start here)
+}
+
+#: model -> mode -> table; the mode's axes: 1d (tp), 2d (x, y), 2.5d (d, x, y), 3d (i, j, k), sp (sp), 1d+sp (tp, sp)
 TABLES = {
-    "gpt": {"1d": _GPT_1D, "2d": _GPT_2D, "2.5d": _GPT_25D, "sp": _GPT_SP, "1d+sp": _GPT_1D_SP},
+    "gpt": {"1d": _GPT_1D, "2d": _GPT_2D, "2.5d": _GPT_25D, "3d": _GPT_3D, "sp": _GPT_SP, "1d+sp": _GPT_1D_SP},
     "nanogpt": {"1d": _NANO_1D, "2d": _NANO_2D, "sp": _NANO_SP},
     "hf_gpt2": {"1d": _HF_GPT2_1D, "2d": _HF_GPT2_2D},
     "hf_llama": {"1d": _HF_LLAMA_1D, "2d": _HF_LLAMA_2D, "sp": _HF_LLAMA_SP},
 }
-_MODE_AXES = {"1d": ("tp",), "2d": ("x", "y"), "2.5d": ("d", "x", "y"), "sp": ("sp",), "1d+sp": ("tp", "sp")}
+_MODE_AXES = {"1d": ("tp",), "2d": ("x", "y"), "2.5d": ("d", "x", "y"), "3d": ("i", "j", "k"), "sp": ("sp",),
+              "1d+sp": ("tp", "sp")}
 _STYLE_AXES = {"colwise": ("tp",), "rowwise": ("tp",), "vocab": ("tp",), "summa": ("x", "y"),
-               "tesseract": ("d", "x", "y")}
-#: the mode's own axes the activations' batch dim is split over (after the data axes)
-_BATCH_AXES = {"2d": ("x",), "2.5d": ("d", "x")}
+               "tesseract": ("d", "x", "y"), "cube": ("i", "j", "k")}
+#: the mode's own axes the activations' batch dim is split over (after the data axes): symbol "B"
+_BATCH_AXES = {"2d": ("x",), "2.5d": ("d", "x"), "3d": ("i", "j")}
+#: 3d's second batch layout (symbol "B'"): the batch of the inner activations and the logits
+_INNER_BATCH_AXES = {"3d": ("i", "k")}
 
 
 def parallel_plan(model: str, mode: str, *, data: Sequence[str] = (), balanced: bool = False,
@@ -523,12 +547,12 @@ def parallel_plan(model: str, mode: str, *, data: Sequence[str] = (), balanced: 
 
     Args:
         model: a key of :data:`TABLES` (``"gpt"``, ``"nanogpt"``, ``"hf_gpt2"``, ``"hf_llama"``).
-        mode: ``"1d"``, ``"2d"`` or ``"sp"``.
+        mode: a key of ``TABLES[model]``: ``"1d"``, ``"2d"``, ``"2.5d"``, ``"3d"``, ``"sp"``, ``"1d+sp"``.
         data: the data-parallel axes (batch), e.g. ``("data",)``.
         balanced: sequence-parallel modes: lay the sequence out ``Zigzag(sp)`` (load-balanced causal
             ring attention; rank ``r`` holds chunks ``r`` and ``2sp-1-r``).
         **axes: the mode's axes under their table names mapped to yours, e.g. ``tp="model"``
-            (default: the table names ``tp``, ``x``, ``y``, ``d``, ``sp``).
+            (default: the table names ``tp``, ``x``, ``y``, ``d``, ``i``, ``j``, ``k``, ``sp``).
     Returns:
         ``{glob: P | Style | Layouts}``.
     Raises:
@@ -545,10 +569,13 @@ def parallel_plan(model: str, mode: str, *, data: Sequence[str] = (), balanced: 
     if balanced and "sp" not in names:
         raise ShardingError(f"balanced=True is a sequence-parallel layout; mode {mode!r} does not split the sequence")
     batch = tuple(data) + tuple(names[a] for a in _BATCH_AXES.get(mode, ()))
+    inner_batch = tuple(data) + tuple(names[a] for a in _INNER_BATCH_AXES.get(mode, _BATCH_AXES.get(mode, ())))
 
     def entry(e):
         if e == "B":
             return batch if batch else None
+        if e == "B'":
+            return inner_batch if inner_batch else None
         if e == "sp" and balanced:
             return Zigzag(names["sp"])
         return names[e] if isinstance(e, str) else e
@@ -563,6 +590,8 @@ def parallel_plan(model: str, mode: str, *, data: Sequence[str] = (), balanced: 
             out[key[:-1]] = Layouts(inputs=tuple(spec(t) for t in ins) or None, output=spec(outp))
         elif isinstance(value, str):
             out[key] = Style(value, tuple(names[a] for a in _STYLE_AXES[value]))
+        elif isinstance(value, Style):  # a style on table axes named explicitly (e.g. 3d's alternating cube)
+            out[key] = Style(value.name, tuple(names[a] for a in value.axes))
         else:
             out[key] = spec(value)
     return out
