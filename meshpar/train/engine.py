@@ -89,32 +89,11 @@ def _load_masters(opt: Any, masters: dict[int, torch.Tensor]) -> None:
             b.master[r[0] - lo:r[1] - lo].copy_(src.reshape(-1)[r[0] - e.offset:r[1] - e.offset])
 
 
-def make_plan(ctx: Context | None = None):
-    """LEGACY (mode-level :class:`~meshpar.models.plans.Plan`, e.g. for the 3d layout): the model plan
-    of the context's mode on its mesh (``meshpar.models.plans.make_plan``). Use :func:`parallelize_model`.
-
-    With ``parallel.sequence.size > 1`` the plan is "sp" (no tensor mode) or "1d+sp" (tensor mode
-    "1d"), with ``parallel.sequence.mode`` ("ring" / "all_to_all") as its attention variant.
-    """
-    from ..models.plans import make_plan as _make_plan
-
-    ctx = current_context(ctx, what="make_plan()")
-    par = ctx.config.parallel
-    if par.sequence_size > 1:
-        if par.tensor_mode not in (None, "1d"):
-            raise ConfigError(f"parallel.sequence > 1 combines with tensor mode '1d' (or none) in the GPT plans, "
-                              f"got tensor mode {par.tensor_mode!r}; use tensor=dict(size=N, mode='1d')")
-        mode = "sp" if par.tensor_mode is None else "1d+sp"
-        return _make_plan(mode, ctx.mesh, sequence_mode=par.sequence_mode)
-    mode = par.mode
-    return _make_plan(mode, None if mode == "dense" else ctx.mesh)
-
-
 def model_plan(ctx: Context | None = None, model: str = "gpt") -> dict | None:
     """The :func:`~meshpar.parallelize` plan of the context's layout for a model of
     :data:`meshpar.models.plans.TABLES` (default meshpar's GPT); None in dense mode.
 
-    The mode is the tensor mode (``"1d"``, ``"2d"``, ``"2.5d"``); with ``parallel.sequence.size > 1``
+    The mode is the tensor mode (``"1d"``, ``"2d"``, ``"2.5d"``, ``"3d"``); with ``parallel.sequence.size > 1``
     it is ``"sp"`` (no tensor mode) or ``"1d+sp"`` (tensor mode ``"1d"``). The batch is split over
     ``"data"`` (each data rank's batch is its local block, the batch contract). The sequence-parallel
     attention algorithm (``parallel.sequence.mode``) is set by the engine around each forward.
