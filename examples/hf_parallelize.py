@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 4 examples/hf_parallelize.py --model hf_gpt2 --mode 1d
     torchrun --nproc-per-node 4 examples/hf_parallelize.py --model hf_llama --mode sp
+    torchrun --nproc-per-node 4 examples/hf_parallelize.py --model hf_gpt2 --mode sp   # Conv1D blockwise
 
 The HF code is unmodified. Recipe: ``use_cache=False`` (the KV cache concatenates into an empty
 tensor), attention ``"sdpa"``, and the loss computed outside the model from ``.logits`` (HF's loss

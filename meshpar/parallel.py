@@ -11,7 +11,9 @@ A *plan* is a mapping, read in order (the first key that matches a parameter win
   axes. A bare style uses the mesh's *model axes* (every axis not in ``data_axes``/``pipe_axes``,
   in mesh order), so any axis names work.
 * **module globs** to :class:`Layouts` (input / output activation layouts, applied by forward
-  pre/post hooks; :func:`constrain` is the same inside a model's code).
+  pre/post hooks; :func:`constrain` is the same inside a model's code). ``Layouts(blockwise=True)``
+  runs a per-position module on each rank's local blocks (e.g. GPT-2's ``Conv1D``, whose
+  ``x.view(-1, C)`` cannot merge a split sequence into the batch).
 
 Styles resolve from the layer's weight orientation: ``nn.Linear`` stores ``[out, in]``, Hugging
 Face's GPT-2 ``Conv1D`` stores ``[in, out]``, ``nn.Embedding`` ``[num, dim]``. With ``W`` written
@@ -50,10 +52,13 @@ import torch.nn as nn
 from .errors import ShardingError
 from .mesh import Mesh
 from .nn.functional import constrain
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
 from .sharding.api import from_local, shard, unshard
-from .sharding.layout import block_slices, validate
+from .sharding.core import enter, reduce_unreduced, wrap
+from .sharding.layout import block_slices, local_shape, validate
 from .models.plans import STYLES, Layouts, Style, place_batch
-from .sharding.spec import P
+from .sharding.spec import P, base_axis
 from .sharding.tensor import ShardedTensor
 
 __all__ = ["parallelize", "constrain", "Style", "Layouts", "STYLES", "resolve_plan", "place_batch",
@@ -192,6 +197,14 @@ def resolve_plan(module: nn.Module, mesh: Mesh, plan: Mapping[str, Any], *, data
             specs[n] = spec
     for n in params:
         specs.setdefault(n, P())
+    for m, lay in layouts.items():
+        if lay.blockwise:
+            prefix = f"{m}." if m else ""
+            bad = [n for n in params if n.startswith(prefix) and (specs[n].sharded_axes() or specs[n].unreduced)]
+            if bad:
+                raise ShardingError(f"module {m!r} runs blockwise (Layouts(blockwise=True)) but its parameter {bad[0]!r} "
+                                    f"is laid out as {specs[bad[0]]}; a blockwise module needs replicated parameters "
+                                    "P() (each rank applies the whole weight to its own rows)")
     return specs, layouts
 
 
@@ -229,6 +242,84 @@ def _constrain_out(out, spec):
     raise ShardingError(f"output layout {spec} does not fit an output of type {type(out).__name__}")
 
 
+# ---------------------------------------------------------------------------------------------- blockwise
+_BLOCKWISE_STATE = "_meshpar_blockwise_state"
+
+
+def _blockwise_enter(mod: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of a ``Layouts(blockwise=True)`` module: its ShardedTensor inputs and its
+    parameters become this rank's local blocks for ``forward`` (see :class:`Layouts`).
+
+    Inputs ``[*lead, n]`` share one spec ``S`` with the last dim whole; parameters are ``P()``. Every check
+    runs before anything changes. Returns the new ``(args, kwargs)`` (None when no input is sharded: the
+    module then runs on plain tensors as written)."""
+    leaves, tree = tree_flatten((args, kwargs))
+    sharded = [t for t in leaves if isinstance(t, ShardedTensor)]
+    if not sharded:
+        return None
+    name = type(mod).__name__
+    if _BLOCKWISE_STATE in mod.__dict__:
+        raise ShardingError(f"blockwise {name}: called again inside its own forward (not supported)")
+    first = sharded[0]
+    mesh, spec, gshape = first.mesh, first.spec.reduced(), tuple(first.shape)
+    for t in sharded:
+        if t.mesh != mesh or t.spec.reduced() != spec or len(t.shape) != len(gshape) \
+                or tuple(t.shape[:-1]) != gshape[:-1]:
+            raise ShardingError(f"blockwise {name}: its ShardedTensor inputs must share one layout; got "
+                                f"{tuple(first.shape)} {first.spec} and {tuple(t.shape)} {t.spec} (lay them out with "
+                                "Layouts(inputs=...))")
+    if not gshape or spec.axes_of(len(gshape) - 1):
+        raise ShardingError(f"blockwise {name}: the input {gshape} {spec} splits its last dim, which the module "
+                            f"mixes; keep the last dim whole (e.g. Layouts(inputs=P(..., None)))")
+    for t in leaves:
+        if isinstance(t, torch.Tensor) and not isinstance(t, ShardedTensor) and t.ndim > 0:
+            raise ShardingError(f"blockwise {name}: a plain tensor input {tuple(t.shape)} next to sharded ones (a "
+                                "plain tensor is a global value, not a block); lay it out with Layouts(inputs=...)")
+    params = []
+    for sub in mod.modules():
+        for leaf, p in sub._parameters.items():
+            if p is None:
+                continue
+            if not isinstance(p, ShardedTensor) or p.mesh != mesh or p.spec.sharded_axes() or p.spec.unreduced:
+                got = p.spec if isinstance(p, ShardedTensor) else "a plain tensor"
+                raise ShardingError(f"blockwise {name}: parameter {leaf!r} of {type(sub).__name__} is {got}; a "
+                                    f"blockwise module needs replicated parameters P() on {mesh} (each rank applies "
+                                    "the whole weight to its own rows)")
+            params.append((sub, leaf, p))
+    vary = tuple(dict.fromkeys(base_axis(a) for a in spec.sharded_axes()))  # ranks see different rows
+    mod.__dict__[_BLOCKWISE_STATE] = (params, mesh, spec, gshape)
+    for sub, leaf, p in params:  # restored by _blockwise_exit, also when forward raises
+        sub._parameters[leaf] = enter(p, vary)
+    local = [enter(reduce_unreduced(t)) if isinstance(t, ShardedTensor) else t for t in leaves]
+    return tree_unflatten(local, tree)
+
+
+def _blockwise_exit(mod: nn.Module, args: tuple, out: Any):
+    """Forward hook (always called) of a blockwise module: put its parameters back and lay out every
+    tensor output ``[*lead, m]`` (local) as the inputs' spec, global shape ``[*lead_global, m]``."""
+    state = mod.__dict__.pop(_BLOCKWISE_STATE, None)
+    if state is None:
+        return None
+    params, mesh, spec, gshape = state
+    for sub, leaf, p in params:
+        sub._parameters[leaf] = p
+    if out is None:
+        return None
+    lead = tuple(local_shape(gshape, spec, mesh))[:-1]
+
+    def back(o):
+        if not isinstance(o, torch.Tensor) or isinstance(o, ShardedTensor):
+            return o
+        if o.ndim != len(gshape) or tuple(o.shape[:-1]) != lead:
+            raise ShardingError(f"blockwise {type(mod).__name__}: an output block {tuple(o.shape)} does not keep the "
+                                f"leading dims {lead} of the input block; only per-position modules [..., n] -> "
+                                "[..., m] run blockwise")
+        return wrap(o, spec, mesh, gshape[:-1] + (o.shape[-1],))
+
+    leaves, tree = tree_flatten(out)
+    return tree_unflatten([back(o) for o in leaves], tree)
+
+
 def _install_hooks(mod: nn.Module, lay: Layouts, mesh: Mesh, data_axes: tuple[str, ...], root: bool) -> None:
     ins = lay.inputs
     in_specs = () if ins is None else ((ins,) if isinstance(ins, P) else tuple(ins))
@@ -239,6 +330,9 @@ def _install_hooks(mod: nn.Module, lay: Layouts, mesh: Mesh, data_axes: tuple[st
             kwargs = {k: _place(v, lay.kwargs.get(k), mesh, data_axes, root) for k, v in kwargs.items()}
             return args, kwargs
         mod.register_forward_pre_hook(pre, with_kwargs=True)
+    if lay.blockwise:  # after the input layouts, before the output layout
+        mod.register_forward_pre_hook(_blockwise_enter, with_kwargs=True)
+        mod.register_forward_hook(_blockwise_exit, always_call=True)
     if lay.output is not None:
         mod.register_forward_hook(lambda m, args, out: _constrain_out(out, lay.output))
 

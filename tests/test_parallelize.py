@@ -76,6 +76,8 @@ def _rel(a, b):
 
 
 def _equal_dense(mesh, name: str, mode: str, steps: int = 3):
+    """Loss, gradient and parameter errors of ``steps`` AdamW steps; "sp" plans run under ``mp.strict()``
+    (no implicit reshard: the sequence stays split wherever the plan does not gather it)."""
     model = build(name)
     ref = copy.deepcopy(model)
     data = ("data",) if "data" in mesh.names else ()
@@ -90,11 +92,12 @@ def _equal_dense(mesh, name: str, mode: str, steps: int = 3):
     for s in range(steps):
         idx, tg = batch(s)
         ref_loss = loss_of(name, ref, idx, tg)
-        loss = loss_of(name, model, idx.chunk(nd)[d], tg.chunk(nd)[d])  # each data rank's local batch
         ref_opt.zero_grad()
         ref_loss.backward()
         opt.zero_grad()
-        loss.backward()
+        with mp.strict(mode == "sp"):
+            loss = loss_of(name, model, idx.chunk(nd)[d], tg.chunk(nd)[d])  # each data rank's local batch
+            loss.backward()
         errs["loss"] = max(errs["loss"], abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)))
         for n, p in model.named_parameters():
             errs["grad"] = max(errs["grad"], _rel(mp.unshard(p.grad), rp[n].grad))
@@ -112,6 +115,7 @@ CASES = [
     ("nanogpt", "sp", (2, 2), ("data", "sp")),
     pytest.param("hf_gpt2", "1d", (2, 2), ("data", "tp"), marks=needs_hf),
     pytest.param("hf_gpt2", "2d", (2, 2), ("x", "y"), marks=needs_hf),
+    pytest.param("hf_gpt2", "sp", (2, 2), ("data", "sp"), marks=needs_hf),
     pytest.param("hf_llama", "1d", (2, 2), ("data", "tp"), marks=needs_hf),
     pytest.param("hf_llama", "2d", (2, 2), ("x", "y"), marks=needs_hf),
     pytest.param("hf_llama", "sp", (2, 2), ("data", "sp"), marks=needs_hf),
@@ -138,6 +142,7 @@ def _bad_plans(mesh):
         "unknown_style": {"transformer.h.*.mlp.c_fc.weight": "diagonal"},
         "axis": {"transformer.h.*.mlp.c_fc.weight": P("model", None)},
         "module": {"transformer.h.*.nope": Layouts(output=P())},
+        "blockwise": {"transformer.h.*.mlp.c_fc.*": "colwise", "transformer.h.*.mlp.c_fc": Layouts(blockwise=True)},
     }
     for key, plan in cases.items():
         model = NanoGPT(NanoConfig(vocab_size=62, block_size=16, n_layer=2, n_head=4, n_embd=18))
@@ -147,6 +152,14 @@ def _bad_plans(mesh):
         except ShardingError as e:
             msgs[key] = str(e)
         msgs[key + "_untouched"] = not any(isinstance(p, mp.ShardedTensor) for p in model.parameters())
+    # a blockwise module refuses (at its forward) an input whose last dim is split
+    model = NanoGPT(NanoConfig(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_embd=16))
+    parallelize(model, mesh, {"transformer.h.*.mlp.c_fc": Layouts(inputs=P(None, None, "tp"), blockwise=True)})
+    try:
+        model(torch.zeros(2, 4, dtype=torch.long))
+        msgs["blockwise_split"] = None
+    except ShardingError as e:
+        msgs["blockwise_split"] = str(e)
     return msgs
 
 
@@ -158,6 +171,8 @@ def test_bad_plans_raise_before_any_change(pool):
     assert "unknown style 'diagonal'" in m["unknown_style"]
     assert "unknown mesh axis 'model'" in m["axis"]
     assert "matches no module" in m["module"]
+    assert "runs blockwise" in m["blockwise"] and "needs replicated parameters" in m["blockwise"]
+    assert "blockwise Linear" in m["blockwise_split"] and "splits its last dim" in m["blockwise_split"]
     assert all(m[k] for k in m if k.endswith("_untouched"))
 
 

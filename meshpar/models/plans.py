@@ -72,10 +72,20 @@ class Layouts:
         kwargs: specs for keyword tensor arguments, by name.
         output: the spec of a tensor output, a tuple of specs for a tuple output, or a mapping
             ``{key: spec}`` for a dict-like output (e.g. ``{"logits": P(...)}``).
+        blockwise: run ``forward`` on every rank's local blocks, with no communication. For a module
+            that treats every position of its inputs' leading dims independently (a per-token layer)
+            but whose code merges those dims in a way a sharded tensor cannot follow, e.g. GPT-2's
+            ``Conv1D`` (``x.view(-1, C) @ W`` on a sequence split over "sp": a rank's rows of the merged
+            ``[B*T]`` dim are not one block). The ShardedTensor inputs (after ``inputs``) must share one
+            layout that leaves the last dim whole, and the module's parameters must be replicated
+            (``P()``); each tensor output ``[..., n]`` gets that layout (global leading sizes of the
+            inputs) and the parameters' gradients are summed over the mesh axes that split the inputs.
+            The plan asserts the per-position property; meshpar cannot check it.
     """
     inputs: Any = None
     kwargs: Mapping[str, P] = field(default_factory=dict)
     output: Any = None
+    blockwise: bool = False
 
 
 # Tables for :func:`meshpar.parallel.parallelize`: parameter globs -> style or spec template,
@@ -85,7 +95,8 @@ class Layouts:
 # ``"d"``, ``"i"``, ``"j"``, ``"k"``, ``"sp"`` (the mode's axes); :func:`parallel_plan` substitutes the
 # caller's axis names. A value is a style name (on the mode's axes of :data:`_STYLE_AXES`), a
 # :class:`Style` naming table axes, or a spec template.
-# Keys ending in ``">"`` are module globs whose value is ``(input templates, output template)``.
+# Keys ending in ``">"`` are module globs whose value is ``(input templates, output template)``, or
+# ``(input templates, output template, True)`` for a blockwise module (:attr:`Layouts.blockwise`).
 
 _NANO_1D = {
     "transformer.wte.weight": "vocab",  # tied: lm_head.weight is the same parameter (colwise over the vocab)
@@ -126,6 +137,17 @@ _HF_GPT2_2D = {
     _GPT2 + "attn.c_attn>": ((), ("B",)),
     _GPT2 + "attn.c_proj>": ((("B", None, "y"),), None),
     ">": ((("B",),), None),
+}
+_HF_GPT2_SP = {
+    # parameters replicated; every activation split on the sequence (ring or all-to-all attention in SDPA).
+    # Conv1D flattens [B, T, C] to [B*T, C] (a rank's rows of the merged dim are not one block when T is
+    # split), so every Conv1D runs blockwise: the per-token matmul on the local [b, T/sp, C] block, no
+    # communication, the weight gradients summed over the batch and sequence axes
+    _GPT2 + "attn.c_*>": ((), None, True), _GPT2 + "mlp.c_*>": ((), None, True),
+    ">": ((("B", "sp"),), None),
+    # gather the sequence before the tied LM head (HF slices hidden_states[:, logits_to_keep] and the loss
+    # flattens the logits to [B*T, V])
+    "transformer.ln_f>": ((), ("B",)),
 }
 _LLAMA = "model.layers.*."
 _HF_LLAMA_1D = {
@@ -213,7 +235,7 @@ _GPT_3D = {
 TABLES = {
     "gpt": {"1d": _GPT_1D, "2d": _GPT_2D, "2.5d": _GPT_25D, "3d": _GPT_3D, "sp": _GPT_SP, "1d+sp": _GPT_1D_SP},
     "nanogpt": {"1d": _NANO_1D, "2d": _NANO_2D, "sp": _NANO_SP},
-    "hf_gpt2": {"1d": _HF_GPT2_1D, "2d": _HF_GPT2_2D},
+    "hf_gpt2": {"1d": _HF_GPT2_1D, "2d": _HF_GPT2_2D, "sp": _HF_GPT2_SP},
     "hf_llama": {"1d": _HF_LLAMA_1D, "2d": _HF_LLAMA_2D, "sp": _HF_LLAMA_SP},
 }
 _MODE_AXES = {"1d": ("tp",), "2d": ("x", "y"), "2.5d": ("d", "x", "y"), "3d": ("i", "j", "k"), "sp": ("sp",),
@@ -271,8 +293,9 @@ def parallel_plan(model: str, mode: str, *, data: Sequence[str] = (), balanced: 
     out: dict = {}
     for key, value in TABLES[model][mode].items():
         if key.endswith(">"):
-            ins, outp = value
-            out[key[:-1]] = Layouts(inputs=tuple(spec(t) for t in ins) or None, output=spec(outp))
+            ins, outp, *blockwise = value
+            out[key[:-1]] = Layouts(inputs=tuple(spec(t) for t in ins) or None, output=spec(outp),
+                                    blockwise=bool(blockwise and blockwise[0]))
         elif isinstance(value, str):
             out[key] = Style(value, tuple(names[a] for a in _STYLE_AXES[value]))
         elif isinstance(value, Style):  # a style on table axes named explicitly (e.g. 3d's alternating cube)
