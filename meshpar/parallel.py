@@ -54,7 +54,7 @@ from .mesh import Mesh
 from .nn.functional import constrain
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .sharding.api import from_local, shard, unshard
+from .sharding.api import shard, unshard
 from .sharding.core import enter, reduce_unreduced, wrap
 from .sharding.layout import block_slices, local_shape, validate
 from .models.plans import STYLES, Layouts, Style, place_batch

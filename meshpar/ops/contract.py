@@ -15,18 +15,13 @@ tries the registered multi-step algorithms.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-import torch
-
-from ..errors import ShardingError
 from ..mesh import Mesh
-import functools
-
 from ..sharding.core import apply_plan, meta, operand_plan, reduce_unreduced
 from ..sharding.spec import P, base_axis
 from ..sharding.tensor import ShardedTensor
-from ._util import gshape
 
 
 @dataclass

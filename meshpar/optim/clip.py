@@ -6,7 +6,6 @@ axes of its spec, plus the data axis where ZeRO shards the gradient).
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Iterable
 
 import torch
