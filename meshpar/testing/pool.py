@@ -62,7 +62,11 @@ def _worker(rank: int, world: int, port: int, tasks, results, mesh_timeout_s: fl
             results.put((tid, rank, True, out))
         except BaseException as e:  # noqa: BLE001 - report everything to the parent
             results.put((tid, rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    dist.destroy_process_group()
+    # leave at once: a graceful process-group teardown (and atexit hooks that tests registered, e.g. a
+    # launch's teardown barrier) would wait on ranks that are leaving too
+    results.close()
+    results.join_thread()
+    os._exit(0)
 
 
 class WorkerError(AssertionError):
@@ -119,8 +123,9 @@ class WorkerPool:
         if graceful:
             for q in self._tasks:
                 q.put(None)
+            deadline = time.monotonic() + 10
             for p in self._procs:
-                p.join(timeout=10)
+                p.join(timeout=max(0.1, deadline - time.monotonic()))
         for p in self._procs:
             if p.is_alive():
                 p.kill()
