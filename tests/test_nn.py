@@ -167,7 +167,7 @@ def _ce_case(mesh, spec, B, T, V, reduction, seed):
        reduction=st.sampled_from(["mean", "sum", "none"]), seed=st.integers(0, 99))
 def test_cross_entropy_matches_dense(pool, case, b, T, V, reduction, seed):
     shape, names, spec = case
-    errs = pool.run(_ce_case, shape, names, spec, 4 * b, 4 * T, V, reduction, seed)
+    errs = pool.run(_ce_case, shape, names, spec, 8 * b, 4 * T, V, reduction, seed)  # B: a multiple of every mesh size
     assert max(errs) < TOL
 
 

@@ -38,6 +38,13 @@ def _compare(mesh, seed, dense_fn, sharded_fn, inputs, specs):
     return errs, out.spec, c.total_bytes
 
 
+def _same_layout(got: P, want: P, shape) -> bool:
+    """Equal layouts, up to the split of size-1 dims (a size-1 dim split over size-1 axes holds the same
+    block on every rank, so the result may be reported replicated there)."""
+    return got.unreduced == want.unreduced and all(
+        tuple(got.axes_of(d)) == tuple(want.axes_of(d)) or shape[d] == 1 for d in range(len(shape)))
+
+
 def _assert_ok(results):
     for errs, *_ in results:
         assert max(errs) < 1e-9, errs
@@ -69,7 +76,7 @@ def test_binary_broadcast(pool, mss, name, data, seed):
     res = pool.run(_binary_case, mshape, names, seed, name, spec_a, tuple(shape_a), spec_b, tuple(shape_b))
     _assert_ok(res)
     for _, spec, fwd_bytes in res:
-        assert spec == spec_a
+        assert _same_layout(spec, spec_a, shape_a)
         assert fwd_bytes == 0  # replicated -> sharded is a free slice
 
 
@@ -88,7 +95,7 @@ def test_unary(pool, mss, name, seed):
     mshape, names, spec, shape = mss
     res = pool.run(_unary_case, mshape, names, seed, name, spec, shape)
     _assert_ok(res)
-    assert all(r[1] == spec and r[2] == 0 for r in res)
+    assert all(_same_layout(r[1], spec, shape) and r[2] == 0 for r in res)
 
 
 # ---------------------------------------------------------------- reductions
