@@ -37,13 +37,24 @@ _RANDOM = torch.Tag.nondeterministic_seeded
 
 _LIKE = {aten.ones_like.default, aten.zeros_like.default, aten.empty_like.default, aten.full_like.default}
 _SAME = {aten.detach.default, aten.alias.default}
+# ops whose result depends on the operand's strides: they see the contiguous strides the wrapper reports
+_STRIDE_READERS = frozenset(getattr(aten, n).default for n in ("as_strided", "as_strided_copy", "as_strided_scatter",
+                                                                "_reshape_alias") if hasattr(aten, n))
+# in-place view ops: they change the tensor's own metadata (see _inplace_view)
+_INPLACE_VIEWS = frozenset(getattr(aten, n) for n in ("unsqueeze_", "squeeze_", "transpose_", "swapdims_", "swapaxes_",
+                                                     "t_", "detach_", "as_strided_", "set_") if hasattr(aten, n))
+# blockwise and additive (f(sum of shares) = sum of f(shares)): the result keeps the operand's layout,
+# partial sums included; _conj/_neg_view are lazy views (the bit goes to the block and the wrapper)
+_MATH_VIEWS = {aten._conj.default, aten._neg_view.default, aten.resolve_conj.default, aten.resolve_neg.default,
+               aten._conj_copy.default, aten._neg_view_copy.default}
 # linearity of aten ops (see meshpar.sharding.semantics): every other op is non-linear
 _KIND = {aten.add.Tensor: "add", aten.add_.Tensor: "add", aten.sub.Tensor: "add", aten.sub_.Tensor: "add",
          aten.add.Scalar: "add", aten.add_.Scalar: "add", aten.sub.Scalar: "add", aten.sub_.Scalar: "add",
          aten.neg.default: "linear", aten.neg_.default: "linear", aten.clone.default: "linear",
          aten.mul.Tensor: "scale", aten.mul_.Tensor: "scale", aten.mul.Scalar: "scale", aten.mul_.Scalar: "scale",
          aten.div.Tensor: "div", aten.div_.Tensor: "div", aten.div.Scalar: "div", aten.div_.Scalar: "div",
-         aten.zero_.default: "linear"}
+         aten.zero_.default: "linear", aten.conj_physical.default: "linear", aten.conj_physical_.default: "linear",
+         aten._conj_physical.default: "linear"}
 _LINEAR_FOREACH = frozenset({"aten::_foreach_add", "aten::_foreach_add_", "aten::_foreach_sub", "aten::_foreach_sub_",
                              "aten::_foreach_mul", "aten::_foreach_mul_", "aten::_foreach_div", "aten::_foreach_div_",
                              "aten::_foreach_neg", "aten::_foreach_neg_", "aten::_foreach_zero_",
@@ -83,7 +94,7 @@ def handle_dispatch(func, args, kwargs):
     x0 = args[0] if args else None
     if func in _LIKE and isinstance(x0, ShardedTensor):
         return _wrap(func(x0._local, *args[1:], **kwargs), x0.spec.reduced(), x0.mesh, x0._gshape)
-    if func in _SAME and isinstance(x0, ShardedTensor):
+    if (func in _SAME or func in _MATH_VIEWS) and isinstance(x0, ShardedTensor):
         return _wrap(func(x0._local), x0.spec, x0.mesh, x0._gshape)
     if func is aten._to_copy.default and isinstance(x0, ShardedTensor):
         spec = x0.spec if float_cast(kwargs.get("dtype"), x0.dtype) else x0.spec.reduced()

@@ -26,6 +26,26 @@ from .spec import P
 _mws = torch.Tensor._make_wrapper_subclass
 _STRIDED = torch.strided
 _grad_enabled = torch.is_grad_enabled
+_set_conj = torch._C._set_conj
+_set_neg = torch._C._set_neg
+
+
+def mirror_math_bits(wrapper: torch.Tensor, local: torch.Tensor) -> None:
+    """Give ``wrapper`` the conjugate and negative view bits of its block ``local``.
+
+    A block may be a lazy view (``x.conj()``, ``torch._neg_view``): its values are the storage's
+    conjugated/negated, and torch's Conjugate/Negative dispatch keys resolve it before kernels that
+    do not read the bit themselves. Inside ``__torch_dispatch__`` those keys are excluded, so a
+    kernel run there on such a block reads the raw storage: a silent wrong answer (``sub`` of two
+    conjugate views gave the conjugate of the difference; pytorch/pytorch#130646). With the bits on
+    the wrapper, torch resolves them at the wrapper's own dispatch, before the call reaches
+    meshpar, exactly as for a dense tensor (as torch's CompositeCompliantTensor does). Every
+    ShardedTensor constructor and memoised executor calls this when the block has a bit.
+    """
+    if local.is_conj():
+        _set_conj(wrapper, True)
+    if local.is_neg():
+        _set_neg(wrapper, True)
 
 
 class Layout:
@@ -92,6 +112,8 @@ def new_sharded(local: torch.Tensor, lay: Layout) -> "ShardedTensor":
     r.spec = lay.spec
     r.mesh = lay.mesh
     r._gshape = lay.gshape
+    if local.is_conj() or local.is_neg():
+        mirror_math_bits(r, local)
     return r
 
 
@@ -186,18 +208,24 @@ def blockwise_exec(func, lay: Layout, n: int):
             loc = func(args[0]._local)
             r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
             r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            if loc.is_conj() or loc.is_neg():
+                mirror_math_bits(r, loc)
             return r
     elif n == 2:
         def ex(args, kwargs):
             loc = func(args[0]._local, args[1]._local)
             r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
             r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            if loc.is_conj() or loc.is_neg():
+                mirror_math_bits(r, loc)
             return r
     elif n == 3:
         def ex(args, kwargs):
             loc = func(args[0]._local, args[1]._local, args[2]._local)
             r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
             r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            if loc.is_conj() or loc.is_neg():
+                mirror_math_bits(r, loc)
             return r
     else:
         raise ValueError(n)
@@ -212,12 +240,16 @@ def same_call_exec(func, lay: Layout, with_kwargs: bool):
             loc = func(args[0]._local, *args[1:], **kwargs)
             r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
             r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            if loc.is_conj() or loc.is_neg():
+                mirror_math_bits(r, loc)
             return r
     else:
         def ex(args, kwargs):
             loc = func(args[0]._local, *args[1:])
             r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
             r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            if loc.is_conj() or loc.is_neg():
+                mirror_math_bits(r, loc)
             return r
     return ex
 
@@ -230,6 +262,8 @@ def local_fn_exec(local_fn, lay: Layout):
         loc = local_fn(args[0]._local)
         r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
         r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+        if loc.is_conj() or loc.is_neg():
+            mirror_math_bits(r, loc)
         return r
     return ex
 
@@ -269,6 +303,8 @@ class ShardedTensor(torch.Tensor):
         r.mesh = mesh
         r._gshape = shape if type(shape) is torch.Size else torch.Size(shape)
         r._lay = None
+        if local.is_conj() or local.is_neg():
+            mirror_math_bits(r, local)
         return r
 
     def __init__(self, *args, **kwargs):  # everything happens in __new__
