@@ -57,13 +57,16 @@ class Layout:
     global shape as a plain tuple for ``_make_wrapper_subclass``.
     """
 
-    __slots__ = ("spec", "mesh", "gshape", "shape")
+    __slots__ = ("spec", "mesh", "gshape", "shape", "detached")
 
-    def __init__(self, spec: P, mesh: Mesh, gshape: torch.Size):
+    def __init__(self, spec: P, mesh: Mesh, gshape: torch.Size, detached: bool = False):
         self.spec = spec
         self.mesh = mesh
         self.gshape = gshape
         self.shape = tuple(gshape)
+        # True for the private, uninterned layout of a detached view (see meshpar.sharding.views): no memo
+        # entry is ever stored under it, so calls on such a tensor always take the slow, coherent path
+        self.detached = detached
 
     def __repr__(self) -> str:
         return f"Layout({self.spec}, {tuple(self.gshape)}, {self.mesh})"
@@ -293,6 +296,7 @@ class ShardedTensor(torch.Tensor):
     _lg = None    # the graph-connected block of an op result (wrap)
     _lgv = None   # the wrapper's grad_fn when _lg was recorded
     _ent = None   # a leaf's entered block: (key, tensor)
+    _view = None  # a detached view's link to its base (meshpar.sharding.views.ViewLink)
 
     @staticmethod
     def __new__(cls, local: torch.Tensor, spec: P, mesh: Mesh, shape: Sequence[int], requires_grad: bool = False):
