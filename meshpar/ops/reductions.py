@@ -55,6 +55,8 @@ def _sum(func, args, kwargs):
     if not isinstance(x, ShardedTensor):
         return NotImplemented
     nd = len(x._gshape)
+    if nd == 0:  # dim=0/-1 of a 0-d tensor names no real dim: the exact aten fallback
+        return NotImplemented
     dims, keepdim = _parse(args, kwargs, nd)
     dtype = kwargs.get("dtype")
     red_axes = tuple(a for d in dims for a in x.spec.axes_of(d))
@@ -172,6 +174,8 @@ def _max(func, args, kwargs):
     if dim is None:
         return _extreme(x, tuple(range(nd)), False, is_max)
     keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+    if nd == 0:  # dim=0/-1 of a 0-d tensor names no real dim: the exact aten fallback
+        return NotImplemented
     d = norm_dims(dim, nd)[0]
     if x.spec.layout_of(d) == "zigzag":
         raise ShardingError(
