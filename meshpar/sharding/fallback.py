@@ -13,10 +13,20 @@ after the autograd engine recorded it (so the backward is made of aten ops that 
 * **random** ops (``torch.Tag.nondeterministic_seeded``): the global random value is drawn from the
   mesh's shared stream (:func:`.generic.shared_rng`) and each rank keeps its block, so replicas agree
   and the value does not depend on the layout.
+* **in-place view ops** (``unsqueeze_``, ``squeeze_``, ``transpose_``, ``t_``): the block gets the same
+  view, the spec's entries move with the dims, and the wrapper's own sizes change (meta kernel).
+* ``_conj``/``_neg_view``/``resolve_conj``/``resolve_neg``: the same op on the block, same layout;
+  the wrapper carries the block's conj/neg bit (:func:`.tensor.mirror_math_bits`).
 * **anything else**: exact generic fallback: partial sums are summed, blocks all-gathered, the op
   runs on the global values, and the result is replicated ``P()``; an in-place or ``out=`` op writes
-  the new value back into its argument in that argument's layout. With every operand already
-  replicated this needs no communication. Inside :func:`meshpar.strict` any collective refuses.
+  the new value back into its argument in that argument's layout (a plain ``out`` is written and
+  returned as is). With every operand already replicated this needs no communication. A view op
+  aliases a replicated block; a view computed on a copy is a detached view (:mod:`.views`). Inside
+  :func:`meshpar.strict` any collective refuses.
+
+Every op that writes a ShardedTensor's block bumps the block's version counter (torch does not,
+below autograd), and detached views among the operands are refreshed before and written through
+after the op.
 """
 from __future__ import annotations
 
