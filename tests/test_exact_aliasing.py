@@ -9,7 +9,8 @@ wrong answers), each compared with the dense computation in float64 on 2 and 4 g
 * views computed on a copy (a split base's gathered value, a contiguous copy): in-place writes into
   them did not reach the base (``fft.hfft`` backward was wrong), nor base writes the view;
 * ``out=`` at the Python level: rules returned a new tensor and left ``out`` unwritten;
-* ``sum(dim=-1)`` of a 0-d tensor crashed (IndexError).
+* ``sum(dim=-1)`` of a 0-d tensor crashed (IndexError); ``norm(p="nuc")`` refused (it now takes the
+  exact fallback).
 """
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ CASES = {
     "mm_out_split": (_mm_out, P("x"), P(), False),
     "sum_out_split": (_sum_out, P("x"), P(), False),
     "sum_0d_dim": (_sum_0d, P("x"), P(), True),
+    "norm_nuc_split": (lambda a, b, m: torch.norm(a, p="nuc"), P("x"), P(), True),
 }
 
 

@@ -201,14 +201,12 @@ def _norm(func, args, kwargs):
     p = kwargs.get("p", kwargs.get("ord", args[1] if len(args) > 1 else 2))
     if p is None or p == "fro":
         p = 2
-    if isinstance(p, str):
-        raise NotImplementedError(f"norm p={p!r} on ShardedTensor")
+    if isinstance(p, str):  # matrix norms ("nuc"): the exact aten fallback (through linalg.matrix_norm's aten ops)
+        return NotImplemented
     dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
     keepdim = kwargs.get("keepdim", args[3] if len(args) > 3 else False)
     if kwargs.get("dtype") is not None:
         x = x.to(kwargs["dtype"])
-    if kwargs.get("out") is not None:
-        raise NotImplementedError("norm(..., out=) on ShardedTensor")
     a = x.abs()
     red = {} if dim is None else {"dim": dim, "keepdim": keepdim}
     if math.isinf(p):
