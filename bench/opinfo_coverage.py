@@ -36,10 +36,12 @@ def _run_chunk(pool: WorkerPool, names, systems, max_samples) -> list[dict]:
     return merge_ranks(pool.run(run_ops, (2,), ("x",), list(names), KINDS, systems, max_samples))
 
 
-def run(names, systems, max_samples: int, chunk: int, log=print, progress: Path | None = None) -> list[dict]:
+def run(names, systems, max_samples: int, chunk: int, log=print, progress: Path | None = None,
+        mesh_timeout_s: float = 60.0) -> list[dict]:
     """Run the ops in chunks; after a failed collective (a desynchronized group) restart the pool and go on
-    after the op that caused it (recorded as a crash)."""
-    pool = WorkerPool(world_size=2, mesh_timeout_s=20, timeout_s=240)
+    after the op that caused it (recorded as a crash). ``mesh_timeout_s``: gloo's collective timeout (a
+    collective that waits longer is a crash; on a heavily shared machine 20 s was too short once)."""
+    pool = WorkerPool(world_size=2, mesh_timeout_s=mesh_timeout_s, timeout_s=max(240.0, 4 * mesh_timeout_s))
     records: list[dict] = []
     t0 = time.time()
     todo = list(names)
@@ -93,6 +95,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=25, help="ops per pool call")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--update", default="", help="a full-run JSON: re-run --ops and replace their records in it")
+    ap.add_argument("--mesh-timeout-s", type=float, default=60.0, help="gloo collective timeout (a longer wait is a crash)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     systems = tuple(s for s in args.systems.split(",") if s)
@@ -108,7 +111,8 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    records = run(names, systems, args.max_samples, args.chunk, progress=out / "opinfo_coverage.partial.json")
+    records = run(names, systems, args.max_samples, args.chunk, progress=out / "opinfo_coverage.partial.json",
+                  mesh_timeout_s=args.mesh_timeout_s)
     seconds = time.time() - t0
     summary = summarize(records, systems)
     tag = "smoke" if args.smoke else ("everyday" if args.everyday else ("ops" if args.ops else "full"))
@@ -128,6 +132,7 @@ def main() -> None:
         return
     stem = out / f"opinfo_coverage-{tag}-{date}"
     meta = {"date": date, "where": "CPU, 2 gloo ranks", "dtype": "float64", "max_samples": args.max_samples,
+            "mesh_timeout_s": args.mesh_timeout_s,
             "kinds": list(KINDS), "systems": list(systems), "seconds": seconds, "ops": len(records)}
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "records": records}, indent=1))
     md = markdown(summary, records, systems, date, seconds)

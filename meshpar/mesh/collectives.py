@@ -103,6 +103,18 @@ def _widened(fn):
     return run
 
 
+def _materialized(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with lazy conjugate/negative view bits resolved and an efficient zero tensor made real.
+
+    Communication reads and writes raw storage: a ``x.conj()`` view would travel unconjugated (and
+    a zero tensor has no storage), so every collective sends this instead. No copy for a plain tensor."""
+    if x.is_conj() or x.is_neg():
+        return x.resolve_conj().resolve_neg()
+    if x._is_zerotensor():
+        return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    return x
+
+
 def _gloo_check(x: torch.Tensor, mesh: Mesh, what: str) -> None:
     """Refuse (on every rank, before communicating) a dtype gloo cannot send point to point."""
     if getattr(mesh, "backend", None) == "gloo" and (x.dtype in _GLOO_NEVER or x.dtype in _GLOO_WIDEN):
@@ -152,7 +164,11 @@ def all_reduce(x: torch.Tensor, mesh: Mesh, axes, op: str = "sum", *, async_op: 
         return _Done(x.clone()) if async_op else x.clone()
     n = mesh.size(axes)
     record("all_reduce", axes, 2 * (n - 1) / n * x.numel() * x.element_size())
-    out = x.detach() if inplace and x.is_contiguous() else x.detach().clone(memory_format=torch.contiguous_format)
+    src = _materialized(x)
+    if src is not x and inplace:  # reduce a resolved copy, then store it through x's view bits
+        red = all_reduce(src, mesh, axes, op, async_op=async_op)
+        return _Narrow(red, x.dtype, x) if async_op else x.copy_(red)
+    out = x.detach() if inplace and x.is_contiguous() else src.detach().clone(memory_format=torch.contiguous_format)
     red = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
     return _run(lambda: dist.all_reduce(out, red, group=mesh.group(axes), async_op=True),
                 lambda: out, f"all_reduce({op})", axes, mesh, async_op)
@@ -167,7 +183,7 @@ def all_gather(x: torch.Tensor, mesh: Mesh, axes, dim: int = 0, *, async_op: boo
     n = mesh.size(axes)
     dim = dim % x.ndim
     record("all_gather", axes, (n - 1) * x.numel() * x.element_size())
-    src = x.detach().contiguous()
+    src = _materialized(x).detach().contiguous()
     flat = torch.empty(n * src.numel(), dtype=src.dtype, device=src.device)
     order = mesh.group_index_order(axes)
 
@@ -194,6 +210,7 @@ def reduce_scatter(x: torch.Tensor, mesh: Mesh, axes, dim: int = 0, *, async_op:
         raise ShardingError(f"reduce_scatter over {axes}: dim {dim} has size {x.shape[dim]}, "
                             f"not divisible by the axis size {n}; pad it to a multiple of {n}")
     record("reduce_scatter", axes, (n - 1) / n * x.numel() * x.element_size())
+    x = _materialized(x)
     chunks = x.detach().chunk(n, dim=dim)
     order = mesh.group_index_order(axes)
     if dim == 0 and order == list(range(n)) and x.is_contiguous():  # chunks already in group order: no copy
@@ -224,6 +241,7 @@ def all_to_all(x: torch.Tensor, mesh: Mesh, axes, split_dim: int, concat_dim: in
         raise ShardingError(f"all_to_all over {axes}: split dim {split_dim} has size {x.shape[split_dim]}, "
                             f"not divisible by the axis size {n}; pad it to a multiple of {n}")
     record("all_to_all", axes, (n - 1) / n * x.numel() * x.element_size())
+    x = _materialized(x)
     order = mesh.group_index_order(axes)
     chunks = x.detach().chunk(n, dim=split_dim)
     by_group = [None] * n
@@ -253,7 +271,7 @@ def broadcast(x: torch.Tensor, mesh: Mesh, axes, src: int, *, async_op: bool = F
     me = mesh.axis_index(axes)
     nbytes = x.numel() * x.element_size()
     record("broadcast", axes, 0.0 if me == src else float(nbytes))
-    buf = x.detach().contiguous() if me == src else (out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format))
+    buf = _materialized(x).detach().contiguous() if me == src else (out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format))
     g = mesh.group(axes)
     root = dist.get_global_rank(g, mesh.group_rank_of(axes, src)) if g is not dist.group.WORLD else mesh.group_rank_of(axes, src)
     return _run(lambda: dist.broadcast(buf, root, group=g, async_op=True), lambda: buf,
@@ -273,7 +291,7 @@ def ppermute(x: torch.Tensor, mesh: Mesh, axis, perm: Sequence[tuple[int, int]],
     dsts = [d for _, d in perm]
     if len(set(srcs)) != len(srcs) or len(set(dsts)) != len(dsts):
         raise ValueError(f"ppermute perm {perm} repeats a source or destination")
-    x = x.detach().contiguous()
+    x = _materialized(x).detach().contiguous()
     out = torch.zeros_like(x)
     if n == 1:
         for s, d in perm:
@@ -306,7 +324,7 @@ def send(x: torch.Tensor, mesh: Mesh, axis, dst: int, *, async_op: bool = False)
     g = mesh.group(axes)
     gr = mesh.group_rank_of(axes, dst)
     peer = gr if g is dist.group.WORLD else dist.get_global_rank(g, gr)
-    x = x.detach().contiguous()
+    x = _materialized(x).detach().contiguous()
     return _run(lambda: dist.isend(x, peer, group=g), lambda: x, "send", axes, mesh, async_op)
 
 

@@ -274,6 +274,8 @@ def keep_grad_layout(leaf: ShardedTensor) -> None:
     holder = [leaf]  # a strong reference: weak references would block nn.Module._apply's tensor swap
 
     def hook(g):
+        if g is None:  # an undefined gradient (a backward formula's zero): nothing to lay out
+            return g
         defer = tuple(getattr(holder[0], "_meshpar_defer_reduce", ()) or ())
         if isinstance(g, ShardedTensor):
             if g.spec == spec or (defer and g.spec.reduced() == spec and set(g.spec.unreduced) <= set(defer)):

@@ -55,6 +55,8 @@ def _sum(func, args, kwargs):
     if not isinstance(x, ShardedTensor):
         return NotImplemented
     nd = len(x._gshape)
+    if nd == 0:  # dim=0/-1 of a 0-d tensor names no real dim: the exact aten fallback
+        return NotImplemented
     dims, keepdim = _parse(args, kwargs, nd)
     dtype = kwargs.get("dtype")
     red_axes = tuple(a for d in dims for a in x.spec.axes_of(d))
@@ -172,6 +174,8 @@ def _max(func, args, kwargs):
     if dim is None:
         return _extreme(x, tuple(range(nd)), False, is_max)
     keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+    if nd == 0:  # dim=0/-1 of a 0-d tensor names no real dim: the exact aten fallback
+        return NotImplemented
     d = norm_dims(dim, nd)[0]
     if x.spec.layout_of(d) == "zigzag":
         raise ShardingError(
@@ -197,14 +201,12 @@ def _norm(func, args, kwargs):
     p = kwargs.get("p", kwargs.get("ord", args[1] if len(args) > 1 else 2))
     if p is None or p == "fro":
         p = 2
-    if isinstance(p, str):
-        raise NotImplementedError(f"norm p={p!r} on ShardedTensor")
+    if isinstance(p, str):  # matrix norms ("nuc"): the exact aten fallback (through linalg.matrix_norm's aten ops)
+        return NotImplemented
     dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
     keepdim = kwargs.get("keepdim", args[3] if len(args) > 3 else False)
     if kwargs.get("dtype") is not None:
         x = x.to(kwargs["dtype"])
-    if kwargs.get("out") is not None:
-        raise NotImplementedError("norm(..., out=) on ShardedTensor")
     a = x.abs()
     red = {} if dim is None else {"dim": dim, "keepdim": keepdim}
     if math.isinf(p):

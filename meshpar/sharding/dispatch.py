@@ -17,6 +17,7 @@ import torch
 
 from ..errors import ShardingError
 from ..mesh.collectives import _CURRENT_OP as _OP
+from . import views as _views
 from .semantics import USER_OP, is_strict
 from .spec import is_zigzag
 from .tensor import _FAST, _FAST_GRAD, Layout, ShardedTensor, fast_key, layout, local_fn_exec, same_call_exec
@@ -94,19 +95,20 @@ class FastPaths:
         return self._table.get(key)
 
     def remember(self, key, executor) -> None:
-        if key is not None and len(self._table) < self._limit and not _zigzag_in(key):
+        if key is not None and len(self._table) < self._limit and not _unmemoisable(key):
             self._table[key] = executor
 
     def clear(self) -> None:
         self._table.clear()
 
 
-def _zigzag_in(key: tuple) -> bool:
-    """Whether a memo key holds a :class:`~meshpar.Zigzag` layout. Such calls are never memoised:
-    the executors slice operands in contiguous blocks, and replaying one on a zigzag layout gave
-    wrong values (found in the balanced-sp GPT under ``no_grad``); they always re-plan."""
+def _unmemoisable(key: tuple) -> bool:
+    """Whether a memo key holds a :class:`~meshpar.Zigzag` layout or a detached view's layout. Such
+    calls are never memoised: the executors slice operands in contiguous blocks, and replaying one on
+    a zigzag layout gave wrong values (found in the balanced-sp GPT under ``no_grad``); a detached
+    view must be refreshed from its base and written through to it (:mod:`.views`) on every call."""
     for k in key:
-        if type(k) is Layout and any(is_zigzag(k.spec.axes_of(d)) for d in range(len(k.spec.entries))):
+        if type(k) is Layout and (k.detached or any(is_zigzag(k.spec.axes_of(d)) for d in range(len(k.spec.entries)))):
             return True
     return False
 
@@ -125,9 +127,20 @@ def handle_torch_function(func: Callable, args: tuple, kwargs: dict):
     the rule's refusal is raised instead. The no-grad memo lookup happens before this, in
     ``ShardedTensor.__torch_function__``.
     """
+    g = _views.guard(args, kwargs)
+    if g is not None:  # detached views among the operands: refresh them, write them through after
+        return g.done(func, args, kwargs, _route(func, args, kwargs))
+    return _route(func, args, kwargs)
+
+
+def _route(func: Callable, args: tuple, kwargs: dict):
     rules = REGISTRY.rules_for(func)
     utok = USER_OP.set(func)
     try:
+        if kwargs.get("out") is not None:
+            # rules compute a new result and would leave ``out`` unwritten: the aten ``.out`` overload
+            # reaches the exact fallback, which writes ``out`` in its own layout and returns it
+            return _via_aten(func, args, kwargs, None)
         if rules:
             tok = _OP.set(getattr(func, "__name__", "op"))
             try:

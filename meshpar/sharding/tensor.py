@@ -26,6 +26,26 @@ from .spec import P
 _mws = torch.Tensor._make_wrapper_subclass
 _STRIDED = torch.strided
 _grad_enabled = torch.is_grad_enabled
+_set_conj = torch._C._set_conj
+_set_neg = torch._C._set_neg
+
+
+def mirror_math_bits(wrapper: torch.Tensor, local: torch.Tensor) -> None:
+    """Give ``wrapper`` the conjugate and negative view bits of its block ``local``.
+
+    A block may be a lazy view (``x.conj()``, ``torch._neg_view``): its values are the storage's
+    conjugated/negated, and torch's Conjugate/Negative dispatch keys resolve it before kernels that
+    do not read the bit themselves. Inside ``__torch_dispatch__`` those keys are excluded, so a
+    kernel run there on such a block reads the raw storage: a silent wrong answer (``sub`` of two
+    conjugate views gave the conjugate of the difference; pytorch/pytorch#130646). With the bits on
+    the wrapper, torch resolves them at the wrapper's own dispatch, before the call reaches
+    meshpar, exactly as for a dense tensor (as torch's CompositeCompliantTensor does). Every
+    ShardedTensor constructor and memoised executor calls this when the block has a bit.
+    """
+    if local.is_conj():
+        _set_conj(wrapper, True)
+    if local.is_neg():
+        _set_neg(wrapper, True)
 
 
 class Layout:
@@ -37,13 +57,16 @@ class Layout:
     global shape as a plain tuple for ``_make_wrapper_subclass``.
     """
 
-    __slots__ = ("spec", "mesh", "gshape", "shape")
+    __slots__ = ("spec", "mesh", "gshape", "shape", "detached")
 
-    def __init__(self, spec: P, mesh: Mesh, gshape: torch.Size):
+    def __init__(self, spec: P, mesh: Mesh, gshape: torch.Size, detached: bool = False):
         self.spec = spec
         self.mesh = mesh
         self.gshape = gshape
         self.shape = tuple(gshape)
+        # True for the private, uninterned layout of a detached view (see meshpar.sharding.views): no memo
+        # entry is ever stored under it, so calls on such a tensor always take the slow, coherent path
+        self.detached = detached
 
     def __repr__(self) -> str:
         return f"Layout({self.spec}, {tuple(self.gshape)}, {self.mesh})"
@@ -92,6 +115,8 @@ def new_sharded(local: torch.Tensor, lay: Layout) -> "ShardedTensor":
     r.spec = lay.spec
     r.mesh = lay.mesh
     r._gshape = lay.gshape
+    if local.is_conj() or local.is_neg():
+        mirror_math_bits(r, local)
     return r
 
 
@@ -186,18 +211,24 @@ def blockwise_exec(func, lay: Layout, n: int):
             loc = func(args[0]._local)
             r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
             r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            if loc.is_conj() or loc.is_neg():
+                mirror_math_bits(r, loc)
             return r
     elif n == 2:
         def ex(args, kwargs):
             loc = func(args[0]._local, args[1]._local)
             r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
             r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            if loc.is_conj() or loc.is_neg():
+                mirror_math_bits(r, loc)
             return r
     elif n == 3:
         def ex(args, kwargs):
             loc = func(args[0]._local, args[1]._local, args[2]._local)
             r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
             r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            if loc.is_conj() or loc.is_neg():
+                mirror_math_bits(r, loc)
             return r
     else:
         raise ValueError(n)
@@ -212,12 +243,16 @@ def same_call_exec(func, lay: Layout, with_kwargs: bool):
             loc = func(args[0]._local, *args[1:], **kwargs)
             r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
             r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            if loc.is_conj() or loc.is_neg():
+                mirror_math_bits(r, loc)
             return r
     else:
         def ex(args, kwargs):
             loc = func(args[0]._local, *args[1:])
             r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
             r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+            if loc.is_conj() or loc.is_neg():
+                mirror_math_bits(r, loc)
             return r
     return ex
 
@@ -230,6 +265,8 @@ def local_fn_exec(local_fn, lay: Layout):
         loc = local_fn(args[0]._local)
         r = _mws(ShardedTensor, shape, None, None, None, loc.dtype, _STRIDED, loc.device)
         r._local, r._lay, r.spec, r.mesh, r._gshape = loc, lay, spec, mesh, gshape
+        if loc.is_conj() or loc.is_neg():
+            mirror_math_bits(r, loc)
         return r
     return ex
 
@@ -259,6 +296,7 @@ class ShardedTensor(torch.Tensor):
     _lg = None    # the graph-connected block of an op result (wrap)
     _lgv = None   # the wrapper's grad_fn when _lg was recorded
     _ent = None   # a leaf's entered block: (key, tensor)
+    _view = None  # a detached view's link to its base (meshpar.sharding.views.ViewLink)
 
     @staticmethod
     def __new__(cls, local: torch.Tensor, spec: P, mesh: Mesh, shape: Sequence[int], requires_grad: bool = False):
@@ -269,6 +307,8 @@ class ShardedTensor(torch.Tensor):
         r.mesh = mesh
         r._gshape = shape if type(shape) is torch.Size else torch.Size(shape)
         r._lay = None
+        if local.is_conj() or local.is_neg():
+            mirror_math_bits(r, local)
         return r
 
     def __init__(self, *args, **kwargs):  # everything happens in __new__

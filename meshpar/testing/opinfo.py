@@ -11,7 +11,9 @@ For every OpInfo with float64 samples and every operand kind (:data:`KINDS`):
 
 the op runs on the laid-out operands and, on every rank, the global result is compared with the
 dense op on the same float64 sample, forward and (where the op supports autograd) the gradient
-of every input that requires one, through a random cotangent. A sample is ``pass``, ``refuse``
+of every input that requires one, through a random cotangent. Each sample is run twice on fresh
+operands, first under ``torch.no_grad()`` (values), then with autograd on (values and gradients),
+so that anything the first call memoises is replayed by the second (:func:`_run_sample`). A sample is ``pass``, ``refuse``
 (meshpar raised a ShardingError or a meshpar NotImplementedError; for DTensor a
 NotImplementedError or an error naming its sharding propagation), ``wrong`` (numbers, shapes or
 dtypes differ, or the result is not connected to autograd) or ``crash`` (any other exception).
@@ -117,11 +119,15 @@ def _call(op, flat, spec):
 
 
 _RANDOM_WORDS = ("bernoulli", "cauchy", "exponential", "geometric", "log_normal", "normal", "uniform", "multinomial",
-                 "rand", "dropout", "rrelu")
+                 "rand", "dropout", "rrelu",
+                 # uninitialised memory (torch.empty and friends): no value to compare, and a per-rank
+                 # randomness probe could disagree between ranks (one rank skips, the other waits)
+                 "empty")
 
 
 def is_random_op(op) -> bool:
-    """Ops that draw random numbers (OpInfo seeds them, so they look deterministic to a dense rerun)."""
+    """Ops that draw random numbers (OpInfo seeds them, so they look deterministic to a dense rerun), or
+    return uninitialised memory (``empty*``)."""
     return any(w in op.name for w in _RANDOM_WORDS) and op.name not in ("nn.functional.normalize", "masked.normalize", "native_dropout_backward",
                                                                         "signal.windows.exponential")
 
@@ -190,31 +196,58 @@ class _System:
         return classify_error(e) if self.name == "meshpar" else _dtensor_error(e)
 
 
+def _lay_out(system: _System, kind: str, flat, first: int, seed: int) -> list:
+    """Fresh laid-out leaves for one call: the first tensor as ``kind``, the other tensors replicated."""
+    leaves = []
+    for i, t in enumerate(flat):
+        if isinstance(t, torch.Tensor):
+            lay = kind if i == first else "replicated"
+            if lay == "partial" and t.dtype != torch.float64:
+                lay = "replicated"
+            leaves.append(system.layout(t, lay, seed))
+        else:
+            leaves.append(t)
+    return leaves
+
+
 def _run_sample(op, system: _System, kind: str, flat, spec, first: int, ref, ref_grads, cots, process, seed: int,
                 rtol: float, atol: float) -> tuple[str, str]:
-    """(status, detail) of one sample on one system and kind."""
-    leaves = []
+    """(status, detail) of one sample on one system and kind: the worst of two calls on fresh operands.
+
+    The op runs twice, compared with the dense result each time: first under ``torch.no_grad()``
+    (forward values), then with autograd on (forward values and every input gradient). The no-grad
+    call goes first so that whatever it memoises or caches (meshpar's no-grad executors, the
+    below-autograd executors shared by both modes, plans) is in place when the grad call runs: a
+    stale entry replayed in the second call shows as a wrong value or gradient, as the no-grad
+    Zigzag memo bug did (a later call reused an executor that was wrong for its layout).
+    """
+    first_call = _call_once(op, system, kind, flat, spec, first, ref, None, None, process, seed, rtol, atol, grad=False)
+    second_call = _call_once(op, system, kind, flat, spec, first, ref, ref_grads, cots, process, seed, rtol, atol,
+                             grad=True)
+    if _WORST[first_call[0]] > _WORST[second_call[0]]:
+        return first_call[0], f"no_grad call: {first_call[1]}"
+    return second_call
+
+
+def _call_once(op, system: _System, kind: str, flat, spec, first: int, ref, ref_grads, cots, process, seed: int,
+               rtol: float, atol: float, grad: bool) -> tuple[str, str]:
+    """(status, detail) of one call of the op on freshly laid-out operands (``grad``: autograd on, and
+    the gradients are compared too when ``cots`` is given)."""
     try:
-        for i, t in enumerate(flat):
-            if isinstance(t, torch.Tensor):
-                lay = kind if i == first else "replicated"
-                if lay == "partial" and t.dtype != torch.float64:
-                    lay = "replicated"
-                leaves.append(system.layout(t, lay, seed))
-            else:
-                leaves.append(t)
+        leaves = _lay_out(system, kind, flat, first, seed)
     except Exception as e:  # noqa: BLE001 - laying the operand out is part of the system
         return system.classify(e), f"layout: {type(e).__name__}: {e}"
     try:
         torch.manual_seed(seed)
-        out = _call(op, leaves, spec)
-        got = tree_map(system.to_global, out)
+        with torch.set_grad_enabled(grad):
+            out = _call(op, leaves, spec)
+            got = tree_map(system.to_global, out)
     except Exception as e:  # noqa: BLE001
         return system.classify(e), f"forward: {type(e).__name__}: {_short(e)}"
     same, err, why = _diff(got, ref, rtol, atol)
     if not same:
         return "wrong", f"forward: {why}"
-    if cots is None:
+    if not grad or cots is None:
         return "pass", ""
     try:
         proc = tree_flatten(process(got))[0]
