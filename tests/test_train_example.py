@@ -31,8 +31,10 @@ def _run_example(mesh, mode: str, out: str, steps: int = 12):
     ("dense", (4,), ("data",)),
     ("zero", (4,), ("data",)),  # ZeRO-2, bf16 compute, gradient accumulation 2, from TOML
     ("pipe", (2, 2), ("pipe", "data")),  # pipeline 2 x data 2, 1F1B over GPT.pipeline_blocks()
-    pytest.param("3d", (1, 2, 2, 2), ("data", "i", "j", "k"), marks=pytest.mark.slow),
-    pytest.param("2.5d", (1, 2, 2, 2), ("data", "d", "x", "y"), marks=pytest.mark.slow),
+    # 8-rank example runs (about a minute each on 2 cores): under `-m thorough`; the same plans are checked
+    # against dense training in tests/test_batch_contract.py and tests/test_gpt.py in every run
+    pytest.param("3d", (1, 2, 2, 2), ("data", "i", "j", "k"), marks=pytest.mark.thorough),
+    pytest.param("2.5d", (1, 2, 2, 2), ("data", "d", "x", "y"), marks=pytest.mark.thorough),
 ])
 def test_example_loss_falls(pool, tmp_path, mode, shape, names):
     if pool.world_size < 8 and len(shape) == 4:
