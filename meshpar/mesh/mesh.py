@@ -40,6 +40,23 @@ def normalize_axes(axes: str | Sequence[str] | None) -> Axes:
     return t
 
 
+#: process groups by (world, ranks, timeout), shared by every mesh of one world: each gloo group holds
+#: threads and connections, and meshes over the same ranks (e.g. ("x", "y") and ("data", "tp") on 2x2)
+#: need the same groups. Every rank builds the same meshes in the same order (torch requires it of
+#: ``new_group``), so every rank's cache has the same entries and they all skip the same calls.
+#: The value keeps the world group alive so its id is never reused by a later world.
+_GROUPS: dict[tuple, tuple] = {}
+
+
+def _shared_group(ranks: list[int], timeout: timedelta) -> dist.ProcessGroup:
+    world = dist.group.WORLD
+    key = (id(world), tuple(ranks), timeout)
+    hit = _GROUPS.get(key)
+    if hit is None:
+        hit = _GROUPS[key] = (world, dist.new_group(ranks, timeout=timeout))
+    return hit[1]
+
+
 class Mesh:
     """An n-dimensional grid of ranks with named axes.
 
@@ -114,7 +131,7 @@ class Mesh:
                     if len(ranks) == dist.get_world_size():
                         g = dist.group.WORLD
                     else:
-                        g = dist.new_group(ranks, timeout=timeout)
+                        g = _shared_group(ranks, timeout)
                     if self.contains_me and self.world_rank in ranks:
                         mine = g
                 self._groups[key] = mine
