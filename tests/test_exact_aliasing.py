@@ -224,13 +224,17 @@ def _detached_view_checks(mesh) -> list[str]:
             aten.add_.Scalar(w, 1.0)
             aten.sub_.Scalar(X, 0.5)
             after_base = aten.mul.Tensor(v, 1.0)   # reads v after its base changed
+            aten.mul_.Scalar(X, 3.0)
+        seen_by_unshard = mp.unshard(w)            # an API read of a view after its base changed
         rv = ref[:, 1:4]
         rv.mul_(2.0)
         rv[:, 0].add_(1.0)
         ref.sub_(0.5)
-        check(f"{spec} view written in place -> base", X, ref)
         check(f"{spec} base written in place -> view", after_base, ref[:, 1:4])
+        ref.mul_(3.0)
+        check(f"{spec} view written in place -> base", X, ref)
         check(f"{spec} view of a view", w, ref[:, 1])
+        check(f"{spec} unshard of a view after a base write", seen_by_unshard, ref[:, 1])
     return bad
 
 

@@ -25,6 +25,7 @@ from ..mesh import Mesh, collectives as C
 from .semantics import check_output, implicit
 from .spec import P, base_axis, is_zigzag
 from .tensor import ShardedTensor
+from .views import refresh
 
 
 class _Enter(torch.autograd.Function):
@@ -77,6 +78,8 @@ def enter(x: ShardedTensor, vary: Iterable[str] = ()) -> torch.Tensor:
     watches the wrapper's own gradient (hooks, ``retain_grad``); a leaf keeps its entered block per
     ``vary`` (the node saves no tensors, so it serves every forward) until its block is updated in place.
     """
+    if x._view is not None:  # a detached view (.views): bring its block up to date with its base first
+        refresh(x)
     if not torch.is_grad_enabled() or not x.requires_grad:
         return x._local
     mesh = x.mesh
