@@ -87,7 +87,9 @@ def batch(args, gcfg: GPTConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run_meshpar(mode: str, args, gcfg: GPTConfig, world: int, dtype) -> tuple[float, list[float]]:
-    tensor = None if mode == "dp" else dict(size=world, mode=mode)
+    tensor = None if mode in ("dense", "dp") else dict(size=world, mode=mode)
+    if mode == "2.5d":
+        tensor["depth"] = 1 if world == 1 else 2
     cfg = dict(parallel=dict(tensor=tensor), zero=dict(stage=args.zero if mode == "dp" else 0),
                precision="fp32" if args.smoke else "bf16", seed=0)
     ctx = mt.context_for(cfg)
@@ -95,7 +97,7 @@ def run_meshpar(mode: str, args, gcfg: GPTConfig, world: int, dtype) -> tuple[fl
     engine, *_ = mt.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-4), None, ctx=ctx)
     nd = ctx.mesh.size("data")
     x, y = batch(args, gcfg, ctx.device)
-    if mode == "dp":  # each data rank takes its slice of the global batch
+    if mode in ("dense", "dp"):  # each data rank takes its slice of the global batch
         r = ctx.mesh.coord("data")
         per = args.batch // nd
         x, y = x[r * per:(r + 1) * per], y[r * per:(r + 1) * per]
@@ -110,7 +112,7 @@ def run_meshpar(mode: str, args, gcfg: GPTConfig, world: int, dtype) -> tuple[fl
         first.setdefault("loss", float(loss.detach()))
     t = timed(step, args.warmup, args.steps, ctx.device)
     loss = first["loss"]
-    if mode == "dp":
+    if mode in ("dense", "dp"):
         v = torch.tensor([loss], device=ctx.device)
         dist.all_reduce(v)
         loss = float(v) / nd
@@ -162,7 +164,8 @@ def run_fsdp(mode: str, args, gcfg: GPTConfig, world: int, dtype, device) -> tup
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--modes", default=None, help="comma list of dp,1d,2d,fsdp2,fsdp2_tp (default: all that fit)")
+    ap.add_argument("--modes", default=None, help="comma list of dense,dp,1d,2d,2.5d,3d,fsdp2,fsdp2_tp (default: "
+                    "all that fit); at world 1 the tensor plans run on size-1 axes")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, fp32, gloo/CPU: checks the script runs")
     ap.add_argument("--n-layer", type=int, default=24)
     ap.add_argument("--n-embd", type=int, default=2048)
@@ -203,7 +206,7 @@ def main() -> None:
     results = []
     ref = None
     for mode in modes:
-        if mode in ("dp", "1d", "2d"):
+        if mode in ("dense", "dp", "1d", "2d", "2.5d", "3d"):
             loss, times = run_meshpar(mode, args, gcfg, world, dtype)
         else:
             loss, times = run_fsdp(mode, args, gcfg, world, dtype, device)
@@ -226,6 +229,10 @@ def main() -> None:
         anchor = base.get("fsdp2_tp") or base.get("fsdp2")
         for r in results:
             r["ratio_vs_fsdp2_baseline"] = r["tokens_per_s"] / anchor if anchor else None
+            # step time over the dense plan's (meshpar's engine, no tensor plan, no ZeRO): the framework's cost
+            r["step_time_vs_dense"] = base["dense"] / r["tokens_per_s"] if "dense" in base else None
+            if r["step_time_vs_dense"] is not None:
+                print(f"{r['mode']:>9}: step time {r['step_time_vs_dense']:.3f}x the dense plan's", flush=True)
         info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "torch": torch.__version__,
                 "nccl": ".".join(map(str, torch.cuda.nccl.version())) if use_cuda else None,
                 "device": torch.cuda.get_device_name() if use_cuda else "cpu (smoke)", "world_size": world,

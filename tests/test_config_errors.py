@@ -23,7 +23,6 @@ BAD = [
     (T(log=T(evry=10)), None, ["'log.evry'", "'log.every'"]),
     (T(train=T(batchsize=8)), None, ["'train.batchsize'", "'train.batch_size'"]),
     (T(parallel=T(tensor=T(mode="2d"))), None, ["parallel.tensor.size", "add size=N"]),
-    (T(parallel=T(tensor=T(size=1, mode="2d"))), None, ["parallel.tensor.size=1", "no tensor parallelism"]),
     (T(parallel=T(tensor=T(size=4, mode="4d"))), None, ["parallel.tensor.mode"]),
     (T(parallel=T(tensor=T(size=4, mode=None))), None, ["parallel.tensor.size=4 needs a mode"]),
     (T(parallel=T(tensor=T(size=6, mode="2d"))), None, ["parallel.tensor", "perfect-square", "size=6"]),

@@ -386,8 +386,9 @@ def _tensor(tensor: Any) -> tuple[int, str | None, int]:
     if t_mode is None and t_size != 1:
         raise ConfigError(f"parallel.tensor.size={t_size} needs a mode: one of {TENSOR_MODES}")
     if t_mode is not None and t_size == 1:
-        raise ConfigError(f"parallel.tensor.size=1 with mode={t_mode!r} gives no tensor parallelism; set size > 1 "
-                          f"(e.g. size=4 for '2d') or remove the tensor entry")
+        # deliberate: the mode's plan on size-1 axes (a one-rank layout: develop or measure a plan on one GPU)
+        log.info(f"parallel.tensor.size=1 with mode={t_mode!r}: the {t_mode} plan on size-1 axes, no tensor "
+                 f"parallelism (a one-rank layout)")
     if tensor.get("depth", 1) != 1 and t_mode != "2.5d":
         raise ConfigError(f"parallel.tensor.depth is only for mode '2.5d' (got mode {t_mode!r}); remove depth or "
                           f"use mode='2.5d'")
