@@ -108,6 +108,27 @@ def test_core_on_nccl_one_gpu(tmp_path):
     _run_script(tmp_path, 1)
 
 
+MODULE_PLANS = ["dp", "1d", "2d", "2.5d", "3d"]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("mode", MODULE_PLANS)
+def test_module_path_one_gpu_equals_dense_without_host_sync(mode):
+    """meshpar's plain GPT in each plan (size-1 axes), moved to the GPU by ``initialize``: three fp32
+    engine steps equal the dense plan's (losses and parameters), bf16 trains, and two bf16 steps run
+    under ``torch.cuda.set_sync_debug_mode("error")`` (no host sync). Runs from a checkout: the
+    subprocess gets it on ``PYTHONPATH``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    env.pop("RANK", None)
+    out = subprocess.run([sys.executable, os.path.join(root, "tests", "gpu_module_script.py"), mode, "error"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-6000:]
+    assert f"MODULE OK {mode}" in out.stdout
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm())
 
