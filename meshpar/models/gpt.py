@@ -1,6 +1,7 @@
 """meshpar's GPT: a plain nanoGPT-like ``nn.Module`` that knows nothing of parallelism.
 
-It imports only torch. Tensor and sequence parallelism are applied from outside::
+It imports only torch (and, lazily, the chunked loss head of :mod:`meshpar.ops.fused_loss`, torch ops on
+plain tensors). Tensor and sequence parallelism are applied from outside::
 
     model = GPT(cfg)
     mp.parallelize(model, mesh, parallel_plan("gpt", "2d", data=("data",)))
@@ -43,6 +44,10 @@ class GPTConfig:
     n_embd: int
     dropout: float = 0.0
     bias: bool = True
+    #: the loss of ``forward(idx, targets)`` by the chunked linear + cross-entropy of
+    #: :mod:`meshpar.ops.fused_loss` (never holds the ``[B*T, V]`` logits) when the head's input and
+    #: weight are plain tensors; a laid-out head (ShardedTensors) uses the plan's cross-entropy rule
+    fused_loss: bool = True
 
     def __post_init__(self):
         for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -180,9 +185,16 @@ class GPT(nn.Module):
         x = F.dropout(self.wte(idx) + self.wpe(pos), self.cfg.dropout, self.training)
         for block in self.h:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
         if targets is None:
-            return logits
+            return self.lm_head(x)
+        w = self.lm_head.weight
+        if self.cfg.fused_loss and type(x) is torch.Tensor and type(w) in (torch.Tensor, nn.Parameter) \
+                and type(targets) is torch.Tensor and self.lm_head.bias is None and x.dtype == w.dtype \
+                and not torch.is_autocast_enabled(x.device.type):
+            from ..ops.fused_loss import fused_linear_cross_entropy  # torch ops on plain tensors
+            return fused_linear_cross_entropy(x, w, targets, ignore_index=-1)
+        logits = self.lm_head(x)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
 
     def pipeline_blocks(self) -> nn.Sequential:
