@@ -24,6 +24,10 @@ What happens (PatrickStar / Colossal-AI Gemini):
   steps on a worker thread. The new parameters are written back into the chunk.
 * With a ``data`` axis (ZeRO), each chunk's gradient is reduce-scattered over it, every rank holds
   and steps only its shard of the optimizer-state chunks, and the new parameters are all-gathered.
+* Tensor parallelism: a ShardedTensor parameter (``meshpar.parallelize``) is chunked as its *local
+  block* (``p._local``), which is the view into the chunk or the placeholder; its gradient's local
+  block is reduced as the ZeRO optimizer reduces it (summed over ``data`` when it arrives partial
+  there, see :func:`meshpar.optim.params.grad_factor`) before it goes into the slot.
 * The first step is a warm-up: it records the access trace and the non-model memory, and defers
   the optimizer steps to :meth:`Offload.step`, where the placement of the optimizer state is
   decided (``memory="auto"``: on the device as far as it fits, the chunks stepped last in the
@@ -40,6 +44,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ..optim.params import (DEFER_ATTR, describe, grad_factor, grad_local, grad_unreduced_axes, is_sharded, local_of,
+                             sharded_axes)
 from .chunk import Chunk, TensorInfo, TensorState, default_chunk_numel, pack
 from .device import CudaDevice, SimulatedDevice, host_available_bytes
 from .manager import ChunkManager, MemoryPlacementError
@@ -170,8 +176,10 @@ class Offload:
         compute_dtype: the dtype parameters have during forward/backward (and gradients).
         master_dtype: the dtype of the master weights and Adam moments.
         chunk_numel: elements per chunk (default: least padding, >= the largest parameter).
-        mesh, data_axis: ZeRO over ``data_axis`` of ``mesh``: gradients reduce-scattered (mean),
-            optimizer state sharded, parameters all-gathered after the step.
+        mesh, data_axis: ZeRO over ``data_axis`` of ``mesh``: gradients reduce-scattered (plain
+            parameters: mean; ShardedTensor parameters: the global gradient, as ``meshpar.optim.zero``),
+            optimizer state sharded, parameters all-gathered after the step. ShardedTensor parameters
+            (tensor parallelism) must live on ``mesh`` (when given) and not be split over ``data_axis``.
         host_capacity: bytes the host may hold (default ``MemAvailable``); checked at construction.
         init: for parameters on the meta device, ``init(name, tensor)`` fills the master value in place.
         cpu_step / device_step: flat AdamW kernels ``f(param, grad, exp_avg, exp_avg_sq, step, *, lr,
@@ -232,10 +240,6 @@ class Offload:
         if missing:
             raise ValueError(f"offload: parameters {missing[:5]} (of {len(missing)}) belong to no unit; every "
                              f"parameter must be inside a unit (units={units!r})")
-        sharded = [n for n, p in named if hasattr(p, "spec") and hasattr(p, "_local")]
-        if sharded:
-            raise ValueError(f"offload: parameters {sharded[:3]} are ShardedTensors (tensor parallelism); the chunk "
-                             "manager handles plain parameters only (ZeRO over mesh= data_axis= is supported)")
         frozen = [n for n, p in named if not p.requires_grad]
         if frozen:
             raise ValueError(f"offload: parameters {frozen[:5]} do not require grad; freeze nothing or keep them "
@@ -247,7 +251,9 @@ class Offload:
         self.compute_dtype = compute_dtype or (p0.dtype if p0.is_floating_point() else torch.float32)
         self.master_dtype = master_dtype or (torch.float32 if self.compute_dtype in (torch.float16, torch.bfloat16)
                                              else self.compute_dtype)
-        numels = [p.numel() for _, p in named]
+        self._defer_saved: list[tuple[nn.Parameter, object]] = []
+        self._check_sharded([(n, p) for n, p in named if is_sharded(p)], meta_names)
+        numels = [local_of(p).numel() for _, p in named]
         align = 64 * self.dp
         self.chunk_numel = chunk_numel or default_chunk_numel(numels, multiple=align)
         if self.chunk_numel % self.dp:
@@ -268,12 +274,13 @@ class Offload:
             master = Chunk(ci, shard, self.master_dtype, kind="master")
             master.host_payload = torch.zeros(shard, dtype=self.master_dtype)
             for name, p, off in entries:
-                ti = TensorInfo(name, p, c, off, p.numel(), p.shape)
+                n = local_of(p).numel()
+                ti = TensorInfo(name, p, c, off, n, local_of(p).shape)
                 c.tensors.append(ti)
                 self.info[id(p)] = ti
                 val = self._initial_value(name, p, init, name in meta_names)
-                c.host_payload[off:off + p.numel()].copy_(val.reshape(-1))
-                a, b = max(off, lo), min(off + p.numel(), hi)
+                c.host_payload[off:off + n].copy_(val.reshape(-1))
+                a, b = max(off, lo), min(off + n, hi)
                 if a < b:
                     master.host_payload[a - lo:b - lo].copy_(val.reshape(-1)[a - off:b - off])
                 del val
@@ -320,6 +327,52 @@ class Offload:
         unit_params = [[new.get(id(p), p) for p in ps] for ps in unit_params]
         return named, unit_params
 
+    def _check_sharded(self, sharded: list[tuple[str, nn.Parameter]], meta_names: set[str]) -> None:
+        """Validate ShardedTensor parameters (tensor parallelism) before anything changes; under ZeRO,
+        defer their gradients' sum over the data axis to the chunk reduction (as ``meshpar.optim.zero``)."""
+        if not sharded:
+            return
+        dev_type = torch.device(self.dev.device).type
+        for name, p in sharded:
+            what = describe(p, name)
+            if name in meta_names:
+                raise ValueError(f"offload: {what} is a ShardedTensor on the meta device; lay out a materialized "
+                                 "model (meta initialisation is for plain parameters)")
+            if self.mesh is not None and p.mesh != self.mesh:
+                raise ValueError(f"offload: {what} lives on {p.mesh}, but mesh={self.mesh} was given")
+            if self.dp > 1 and self.data_axis in sharded_axes(p):
+                raise ValueError(f"offload: {what} is split over the data axis {self.data_axis!r}, over which the "
+                                 "chunk manager shards (ZeRO) itself; keep only tensor-parallel axes in its spec")
+            if p.dtype != self.compute_dtype:
+                raise ValueError(f"offload: {what} has dtype {p.dtype} but compute_dtype is {self.compute_dtype}; "
+                                 "create ShardedTensor parameters in the compute dtype (the master copy is kept "
+                                 "in master_dtype)")
+            if p.device.type != dev_type:
+                raise ValueError(f"offload: {what} is on {p.device}, the chunk device on {dev_type}; move the model "
+                                 "there first (a ShardedTensor's device is fixed)")
+        if self.dp > 1:
+            for _, p in sharded:
+                old = getattr(p, DEFER_ATTR, None)
+                self._defer_saved.append((p, old))
+                setattr(p, DEFER_ATTR, tuple(dict.fromkeys(tuple(old or ()) + (self.data_axis,))))
+
+    def _local_grad(self, p: nn.Parameter) -> torch.Tensor:
+        """The local block of ``p``'s gradient, reduced except over the ZeRO data axis and scaled for the
+        chunk's sum over it (:func:`~meshpar.optim.params.grad_factor`, as ``meshpar.optim.zero``)."""
+        g = grad_local(p)
+        if is_sharded(p):
+            zero_axes = (self.data_axis,) if self.dp > 1 else ()
+            partial = grad_unreduced_axes(p)
+            rest = tuple(a for a in p.mesh.names if a in partial and a not in zero_axes)
+            if rest:      # still a partial sum (e.g. parallelize(defer_reduce=...) without ZeRO): sum it here
+                from ..mesh import collectives as C
+                g = C.all_reduce(g, p.mesh, rest)
+        if self.dp > 1:
+            alpha = grad_factor(p, self.data_axis, self.dp)
+            if alpha != 1.0:
+                g = g * alpha
+        return g
+
     def _initial_value(self, name: str, p: nn.Parameter, init, is_meta: bool) -> torch.Tensor:
         if is_meta:
             if init is None:
@@ -328,7 +381,7 @@ class Offload:
                             device=self.dev.device if not self.dev.simulated else "cpu")
             init(name, t)
             return t.cpu()
-        return p.detach().to(self.master_dtype).cpu()
+        return local_of(p).detach().to(self.master_dtype).cpu()
 
     def _check_host(self, numels: Sequence[int], host_capacity: int | None) -> None:
         """Raise before the first step when the host cannot hold the state it must hold."""
@@ -435,7 +488,7 @@ class Offload:
         if ti.has_grad:       # a second backward in one step would overwrite the parameter's slot
             raise RuntimeError(f"offload: a second gradient for {ti.name} in one step; gradient accumulation over "
                                "several backward calls is not supported (call step() after each backward)")
-        slot.copy_(p.grad.reshape(-1))
+        slot.copy_(self._local_grad(p).reshape(-1))
         p.grad = None
         ti.has_grad = True
         ti.state = TensorState.HOLD_AFTER_BWD
@@ -463,7 +516,7 @@ class Offload:
         if self.dp == 1:
             return g
         from ..mesh import collectives as C
-        return C.reduce_scatter(g, self.mesh, self.data_axis).div_(self.dp)
+        return C.reduce_scatter(g, self.mesh, self.data_axis)   # the slots were scaled by _local_grad
 
     def _gather_into(self, c: Chunk, new_shard: torch.Tensor) -> None:
         """Write this rank's new parameter shard and the other ranks' into ``c``'s payload."""
@@ -636,7 +689,9 @@ class Offload:
         """Gradients live in the chunks and are consumed by :meth:`step`; nothing to clear."""
 
     def master_params(self) -> dict[str, torch.Tensor]:
-        """Name -> this rank's master values (full tensors when not sharded; ZeRO: all-gathered), on the CPU."""
+        """Name -> this rank's master values on the CPU (ZeRO: all-gathered over data); a ShardedTensor
+        parameter's as a ShardedTensor of its layout around the master block (``meshpar.unshard`` gives the
+        global value)."""
         self.synchronize()
         out = {}
         full = []
@@ -650,7 +705,12 @@ class Offload:
             st = self.states[ti.chunk.index]
             base = full[ti.chunk.index]
             off = ti.offset if self.dp > 1 else ti.offset - st.lo
-            out[ti.name] = base[off:off + ti.numel].view(ti.shape).clone()
+            val = base[off:off + ti.numel].view(ti.shape).clone()
+            if is_sharded(ti.param):
+                from ..sharding.api import from_local
+                p = ti.param
+                val = from_local(val, p.spec, p.mesh, p.shape)
+            out[ti.name] = val
         return out
 
     def synchronize(self) -> None:
@@ -664,7 +724,15 @@ class Offload:
         return list(self.mgr.chunks) + [x for st in self.states for x in st.os_chunks()]
 
     def close(self) -> None:
+        """Remove the hooks, stop the worker thread, give ShardedTensor parameters back their own
+        gradient-reduction setting."""
         self.remove_hooks()
+        for p, old in self._defer_saved:
+            if old is None:
+                delattr(p, DEFER_ATTR)
+            else:
+                setattr(p, DEFER_ATTR, old)
+        self._defer_saved = []
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 
