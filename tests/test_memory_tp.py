@@ -4,6 +4,8 @@ simulated device budgets (one forcing every chunk to move every step), equals de
 ``torch.optim.AdamW``: the losses and the final parameters (unsharded), to 1e-10 relative."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -26,7 +28,8 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return idx[:, :-1], idx[:, 1:]
 
 
-def dense() -> tuple[list[float], dict[str, torch.Tensor]]:
+@functools.lru_cache(maxsize=None)
+def dense(clip: float | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
     model = GPT(CFG, dtype=torch.float64)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
     losses = []
@@ -35,6 +38,8 @@ def dense() -> tuple[list[float], dict[str, torch.Tensor]]:
         loss = model(idx, tgt)
         opt.zero_grad()
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         losses.append(float(loss.detach()))
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -64,12 +69,14 @@ def _tight_budget(mesh, mode: str, zero_mesh, defer) -> int:
     return need
 
 
-def _train(mesh, mode: str, memory: str, budget: str, zero: bool, defer: tuple[str, ...] = ()):
+def _train(mesh, mode: str, memory: str, budget: str, zero: bool, defer: tuple[str, ...] = (),
+           clip: float | None = None):
     """Losses, unsharded master parameters, uploads and chunk count of STEPS offloaded steps on this rank."""
     zero_mesh = mesh if zero else None
     nbytes = BIG if budget == "big" else _tight_budget(mesh, mode, zero_mesh, defer)
     model = _model(mesh, mode, defer)
-    off = _offload(model, nbytes, memory, zero_mesh)
+    off = _offload(model, nbytes, memory, zero_mesh, clip_grad_norm=clip)
+    norms = []
     nd, d = (mesh.size("data"), mesh.coord("data")) if "data" in mesh.names else (1, 0)
     losses = []
     for s in range(STEPS):
@@ -78,11 +85,14 @@ def _train(mesh, mode: str, memory: str, budget: str, zero: bool, defer: tuple[s
         loss.backward()
         off.step()
         losses.append(float(mp.unshard(loss.detach())))
+        norms.append(None if clip is None else float(off.last_grad_norm))
     params = {n: mp.unshard(v) for n, v in off.master_params().items()}
     sharded = sum(bool(p.spec.sharded_axes()) for p in model.parameters())
     shard_elems = sum(st.master.numel for st in off.states)
     chunk_elems = sum(c.numel for c in off.mgr.chunks)
     off.close()
+    if clip is not None:                                      # clipping was active in every step
+        assert min(norms) > clip, norms
     return losses, params, off.mgr.stats["uploads"], len(off.mgr.chunks), sharded, (shard_elems, chunk_elems)
 
 
@@ -124,6 +134,23 @@ CASES = [
 @pytest.fixture(scope="module")
 def ref():
     return dense()
+
+
+CLIP = 0.5
+CLIP_CASES = [
+    ("1d", (2, 2), ("data", "tp"), "host", "tight", True),
+    ("1d", (2, 2), ("data", "tp"), "device", "big", True),
+    ("2d", (2, 2), ("x", "y"), "auto", "tight", False),
+    ("2d", (2, 2), ("x", "y"), "host", "big", False),
+]
+
+
+@pytest.mark.parametrize("mode,shape,axes,memory,budget,zero", CLIP_CASES)
+def test_tp_offload_clip_grad_norm_equals_dense(pool, mode, shape, axes, memory, budget, zero):
+    """``clip_grad_norm=``: the global norm over data, tensor-parallel and ZeRO shards, as
+    ``torch.nn.utils.clip_grad_norm_`` on the dense model."""
+    outs = pool.run(_train, shape, axes, mode, memory, budget, zero, (), CLIP)
+    _check(outs, dense(CLIP), budget, shape[axes.index("data")] if zero else 1)
 
 
 @pytest.mark.parametrize("mode,shape,axes,memory,budget,zero", CASES)

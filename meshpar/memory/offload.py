@@ -134,6 +134,7 @@ class OptimState:
     exp_avg_sq: Chunk | None = None
     location: str = "host"
     step: int = 0
+    grad: torch.Tensor | None = None     # ZeRO with clipping: the reduced gradient shard, kept until the step
 
     def os_chunks(self) -> list[Chunk]:
         return [c for c in (self.master, self.exp_avg, self.exp_avg_sq) if c is not None]
@@ -187,6 +188,10 @@ class Offload:
         overlap: run host optimizer steps on a worker thread while the backward continues.
         margin: device bytes kept free beyond the recorded peak (CUDA default 2 GiB, simulated 0).
         warmup_fraction: share of the capacity parameter chunks may use in the warm-up step (CUDA).
+        clip_grad_norm: clip the gradients to this global norm before AdamW, exactly as
+            ``torch.nn.utils.clip_grad_norm_`` on the dense model (every element counted once over data,
+            tensor-parallel and ZeRO shards). Every optimizer step then waits for the end of the backward
+            (they run in :meth:`step`, after the norm); :attr:`last_grad_norm` is the norm before clipping.
         step_sync: :meth:`step` waits for the host optimizer steps. By default they may run on into
             the next forward (a chunk is waited for only when a unit needs it; the host-stepped
             chunks are the last layers', needed last).
@@ -200,7 +205,7 @@ class Offload:
                  host_capacity: int | None = None, init: Callable[[str, torch.Tensor], None] | None = None,
                  cpu_step: StepFn | None = None, device_step: StepFn | None = None, overlap: bool = True,
                  margin: int | None = None, warmup_fraction: float = 0.3, lookahead: int = 2,
-                 step_sync: bool = False):
+                 step_sync: bool = False, clip_grad_norm: float | None = None):
         if memory not in MEMORY_KINDS:
             raise ValueError(f"memory must be one of {MEMORY_KINDS}, got {memory!r}")
         self.model, self.memory = model, memory
@@ -223,6 +228,10 @@ class Offload:
         self.device_step = device_step or adamw_fused_
         self.overlap = overlap and self.dp == 1
         self.step_sync = step_sync
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
+        self.clip_grad_norm = clip_grad_norm
+        self.last_grad_norm: torch.Tensor | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="meshpar-cpu-adam") if self.overlap else None
 
         self.units = _select_units(model, units)
@@ -499,7 +508,7 @@ class Offload:
                 if self._pending_bwd[ui] == 0:
                     del self._pending_bwd[ui]
                     self._release(ui)
-        if all(t.has_grad for t in c.tensors) and self.warm:
+        if all(t.has_grad for t in c.tensors) and self.warm and self.clip_grad_norm is None:
             self._done_chunks.add(c.index)
             self._step_chunk(self.states[c.index])
 
@@ -537,8 +546,11 @@ class Offload:
                     out.append((a - st.lo, b - st.lo))
         return out
 
-    def _adam(self, st: OptimState, grad: torch.Tensor, fn: StepFn, skip: list[tuple[int, int]] | None = None) -> None:
+    def _adam(self, st: OptimState, grad: torch.Tensor, fn: StepFn, skip: list[tuple[int, int]] | None = None,
+              coef: torch.Tensor | None = None) -> None:
         skip = self._skip_mask(st) if skip is None else skip
+        if coef is not None:                  # gradient clipping: the global coefficient (1.0 leaves it exact)
+            grad = grad * coef.to(grad.device, grad.dtype)
         saved = [(a, b, [x.payload[a:b].clone() for x in st.os_chunks()]) for a, b in skip]
         st.step += 1
         b1, b2 = self.hp.betas
@@ -548,29 +560,71 @@ class Offload:
             for x, v in zip(st.os_chunks(), vals):
                 x.payload[a:b].copy_(v)
 
-    def _step_chunk(self, st: OptimState) -> None:
-        """Run the optimizer on chunk ``st.chunk`` whose slots hold gradients; the slots get parameters back."""
+    def _reduced_grad(self, st: OptimState) -> torch.Tensor:
+        """ZeRO: this rank's shard of the chunk's gradient summed over data (brings the chunk to the device;
+        kept in ``st.grad`` until the chunk's step takes it)."""
+        if st.grad is None:
+            c = st.chunk
+            self._resident(c)
+            st.grad = self._grad_shard(c, c.device_payload)
+        return st.grad
+
+    def _resident(self, c: Chunk) -> None:
+        """Bring ``c`` to the device (evicting others) if it is not there."""
+        if c.device_payload is None:
+            c.pins += 1
+            self.mgr.access(c)
+            c.pins -= 1
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The global norm of this step's gradients (collective over the mesh when there is one)."""
+        from ..optim.clip import sum_sq_by_axes
+        data = (self.data_axis,) if self.dp > 1 else ()
+        parts, keys = [], set()
+        for st in self.states:
+            c = st.chunk
+            for t in c.tensors:     # sorted: every rank must issue the per-key reductions in one order
+                keys.add(tuple(sorted(data + sharded_axes(t.param))))
+            if not any(t.has_grad for t in c.tensors):
+                continue
+            if self.dp > 1:
+                g = self._reduced_grad(st)
+            elif c.device_payload is not None:
+                g = c.device_payload[st.lo:st.hi]
+            else:                       # evicted with its gradients: the host copy, once its download is done
+                if c.host_event is not None:
+                    c.host_event.wait_host()
+                g = c.host_payload[st.lo:st.hi]
+            for t in c.tensors:
+                a, b = max(t.offset, st.lo), min(t.offset + t.numel, st.hi)
+                if t.has_grad and a < b:
+                    parts.append((tuple(sorted(data + sharded_axes(t.param))), g[a - st.lo:b - st.lo]))
+        mesh = self.mesh if self.mesh is not None else next(
+            (t.param.mesh for t in self.info.values() if is_sharded(t.param)), None)
+        if mesh is None:                # plain parameters on one rank
+            return torch.stack([t.detach().double().pow(2).sum() for _, t in parts]).sum().sqrt()
+        return sum_sq_by_axes(parts, mesh, keys)
+
+    def _step_chunk(self, st: OptimState, coef: torch.Tensor | None = None) -> None:
+        """Run the optimizer on chunk ``st.chunk`` whose slots hold gradients; the slots get parameters back.
+        ``coef``: the gradient clipping coefficient."""
         c = st.chunk
         if st.location == "device":
-            if c.device_payload is None:
-                c.pins += 1
-                self.mgr.access(c)
-                c.pins -= 1
-            g = self._grad_shard(c, c.device_payload)
-            g = g[st.lo:st.hi] if self.dp == 1 else g
-            self._adam(st, g.to(self.master_dtype), self.device_step)
+            if self.dp > 1:
+                g, st.grad = self._reduced_grad(st), None
+            self._resident(c)                  # (with clipping it may have moved since its reduction)
+            if self.dp == 1:
+                g = c.device_payload[st.lo:st.hi]
+            self._adam(st, g.to(self.master_dtype), self.device_step, coef=coef)
             self._gather_into(c, st.master.payload.to(self.compute_dtype))
             c.host_valid = False
             self._after_step(c)
             return
         # optimizer state on the host
         if self.dp > 1:
-            if c.device_payload is None:
-                c.pins += 1
-                self.mgr.access(c)
-                c.pins -= 1
-            g = self._grad_shard(c, c.device_payload).to("cpu", self.master_dtype)
-            self._adam(st, g, self.cpu_step)
+            g, st.grad = self._reduced_grad(st), None
+            self._adam(st, g.to("cpu", self.master_dtype), self.cpu_step, coef=coef)
+            self._resident(c)
             self._gather_into(c, st.master.payload.to(self.compute_dtype).to(c.device_payload.device))
             c.host_valid = False
             self._after_step(c)
@@ -592,7 +646,7 @@ class Offload:
             if ev is not None:
                 ev.wait_host()
             host = c.host_payload
-            self._adam(st, host[st.lo:st.hi].to(self.master_dtype), self.cpu_step, skip)
+            self._adam(st, host[st.lo:st.hi].to(self.master_dtype), self.cpu_step, skip, coef)
             host[st.lo:st.hi].copy_(st.master.payload)
 
         if self._pool is not None and self.warm:
@@ -662,10 +716,15 @@ class Offload:
         if not self.warm:
             self.mgr.end_warmup()
             self._place_states()
+        coef = None
+        if self.clip_grad_norm is not None:
+            from ..optim.clip import clip_coef
+            self.last_grad_norm = self._grad_norm()
+            coef = clip_coef(self.last_grad_norm, self.clip_grad_norm)
         for st in self.states:
             c = st.chunk
             if c.index not in self._done_chunks and any(t.has_grad for t in c.tensors):
-                self._step_chunk(st)
+                self._step_chunk(st, coef)
             elif not any(t.has_grad for t in c.tensors) and c.index not in self._done_chunks:
                 for t in c.tensors:
                     if t.state == TensorState.HOLD_AFTER_BWD:
