@@ -29,13 +29,15 @@ def batch(step: int, gb: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
             torch.randn(gb, OUT, generator=g, dtype=torch.float64))
 
 
-def dense() -> dict[str, torch.Tensor]:
+def dense(clip: float | None = None) -> dict[str, torch.Tensor]:
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
     for s in range(STEPS):
         x, y = batch(s)
         opt.zero_grad()
         ((model(x) - y) ** 2).mean().backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -51,6 +53,8 @@ def offloaded(budget: int, memory: str, mesh=None, **kw):
             x, y = x.chunk(n)[r], y.chunk(n)[r]
         ((model(x) - y) ** 2).mean().backward()
         off.step()
+        if off.clip_grad_norm is not None:       # the clipping was active
+            assert float(off.last_grad_norm) > off.clip_grad_norm
     out = off.master_params()
     off.close()
     return out, off
@@ -244,3 +248,31 @@ def test_zero_two_data_ranks_equals_dense(pool, budget, memory):
     for got, shard in outs:
         assert _close(got, ref) < 1e-12
         assert shard == {CHUNK // 2} or all(s * 2 >= CHUNK for s in shard)   # each rank holds half of each chunk
+
+
+# ---------------------------------------------------------------------------- gradient clipping
+CLIP = 0.2
+
+
+@pytest.mark.parametrize("budget,memory", [(10 ** 6, "device"), (CB, "host"), (3 * CB + 3 * 3 * CB // 3, "auto")])
+def test_clip_grad_norm_equals_dense(budget, memory):
+    """``clip_grad_norm=`` equals ``torch.nn.utils.clip_grad_norm_`` before dense AdamW."""
+    got, _ = offloaded(budget, memory, clip_grad_norm=CLIP)
+    assert _close(got, dense(CLIP)) < 1e-12
+    assert _close(got, dense()) > 1e-6           # and clipping changed the result
+
+
+def _zero_clip_rank(mesh, budget, memory):
+    return offloaded(budget, memory, mesh=mesh, clip_grad_norm=CLIP)[0]
+
+
+@pytest.mark.parametrize("budget,memory", [(CB, "host"), (10 ** 6, "device")])
+def test_clip_grad_norm_zero_two_data_ranks(pool, budget, memory):
+    ref = dense(CLIP)
+    for got in pool.run(_zero_clip_rank, (2,), ("data",), budget, memory):
+        assert _close(got, ref) < 1e-12
+
+
+def test_clip_grad_norm_must_be_positive():
+    with pytest.raises(ValueError, match="clip_grad_norm"):
+        mm.offload(make_model(), device="simulated", device_budget=CB, clip_grad_norm=0.0)

@@ -1,7 +1,8 @@
 """Memory: heterogeneous (device/host) chunk memory, activation checkpointing, accounting.
 
 * :func:`offload` / :class:`Offload`: train a model larger than the device (chunked parameters,
-  gradients in the parameter chunks, hybrid device/host AdamW, ZeRO over ``data``); see docs/memory.md.
+  gradients in the parameter chunks, hybrid device/host AdamW, ZeRO over ``data``, tensor-parallel
+  ShardedTensor parameters as their local blocks, gradient clipping); see docs/memory.md.
 * :func:`checkpoint_activations`: activation checkpointing from outside the model.
 * :func:`report`: where every chunk lives; :func:`memory_report`: bytes of model states per rank.
 """

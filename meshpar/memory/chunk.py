@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..optim.params import local_of
+
 
 class TensorState(str, enum.Enum):
     FREE = "free"
@@ -33,7 +35,10 @@ class TensorState(str, enum.Enum):
 
 @dataclass(eq=False)
 class TensorInfo:
-    """One parameter's slot in a chunk: ``chunk[offset : offset + numel].view(shape)``."""
+    """One parameter's slot in a chunk: ``chunk[offset : offset + numel].view(shape)``.
+
+    For a ShardedTensor parameter the slot holds its local block (``shape`` is the block's shape).
+    """
 
     name: str
     param: nn.Parameter
@@ -93,7 +98,8 @@ class Chunk:
 def pack(named: list[tuple[str, nn.Parameter]], chunk_numel: int) -> list[list[tuple[str, nn.Parameter, int]]]:
     """Pack parameters, in the given (first-use) order, into chunks of ``chunk_numel`` elements.
 
-    A parameter never straddles two chunks; a new chunk starts when the next one does not fit.
+    A parameter never straddles two chunks; a new chunk starts when the next one does not fit. A
+    ShardedTensor parameter (tensor parallelism) takes the elements of its local block only.
     Returns, per chunk, ``(name, param, offset)`` triples.
     Raises:
         ValueError: a parameter larger than ``chunk_numel``.
@@ -101,7 +107,7 @@ def pack(named: list[tuple[str, nn.Parameter]], chunk_numel: int) -> list[list[t
     chunks: list[list[tuple[str, nn.Parameter, int]]] = []
     used = chunk_numel
     for name, p in named:
-        n = p.numel()
+        n = local_of(p).numel()
         if n > chunk_numel:
             raise ValueError(f"parameter {name} has {n} elements, more than the chunk size {chunk_numel}; "
                              f"use chunk_numel >= {n}")

@@ -20,7 +20,20 @@ from typing import Sequence
 
 import torch
 
+from ..optim.params import local_of
 from .chunk import Chunk, TensorState
+
+
+def set_storage(p: torch.Tensor, value: torch.Tensor) -> None:
+    """``p.data = value`` for a plain parameter; for a ShardedTensor, its local block's ``.data``, and the
+    block the sharding core entered into autograd for it (``_ent``, kept across forwards while the block's
+    storage is unchanged) is dropped: the next forward enters it afresh, so the entered block's autograd
+    node is created in that forward (the backward accumulates the parameter's gradient when its unit's
+    backward runs, not after every later-created node) and holds no reference to a payload moved away."""
+    loc = local_of(p)
+    loc.data = value
+    if loc is not p:
+        p._ent = None
 
 
 class MemoryPlacementError(MemoryError):
@@ -108,13 +121,14 @@ class ChunkManager:
         return base.expand(shape) if len(shape) else base.view(())
 
     def bind(self, c: Chunk) -> None:
-        """Point every parameter of ``c`` at its slot of the device payload."""
+        """Point every parameter of ``c`` (a ShardedTensor's local block) at its slot of the device payload."""
         for t in c.tensors:
-            t.param.data = c.device_payload[t.offset:t.offset + t.numel].view(t.shape)
+            set_storage(t.param, c.device_payload[t.offset:t.offset + t.numel].view(t.shape))
 
     def unbind(self, c: Chunk) -> None:
+        """Make every parameter of ``c`` (a ShardedTensor's local block) a NaN placeholder."""
         for t in c.tensors:
-            t.param.data = self.poison(t.shape, c.dtype)
+            set_storage(t.param, self.poison(t.shape, c.dtype))
 
     # ------------------------------------------------------------------ movement
     def _host_buffer(self, c: Chunk) -> torch.Tensor:

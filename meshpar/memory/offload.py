@@ -24,6 +24,10 @@ What happens (PatrickStar / Colossal-AI Gemini):
   steps on a worker thread. The new parameters are written back into the chunk.
 * With a ``data`` axis (ZeRO), each chunk's gradient is reduce-scattered over it, every rank holds
   and steps only its shard of the optimizer-state chunks, and the new parameters are all-gathered.
+* Tensor parallelism: a ShardedTensor parameter (``meshpar.parallelize``) is chunked as its *local
+  block* (``p._local``), which is the view into the chunk or the placeholder; its gradient's local
+  block is reduced as the ZeRO optimizer reduces it (summed over ``data`` when it arrives partial
+  there, see :func:`meshpar.optim.params.grad_factor`) before it goes into the slot.
 * The first step is a warm-up: it records the access trace and the non-model memory, and defers
   the optimizer steps to :meth:`Offload.step`, where the placement of the optimizer state is
   decided (``memory="auto"``: on the device as far as it fits, the chunks stepped last in the
@@ -40,6 +44,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ..optim.params import (DEFER_ATTR, describe, grad_factor, grad_local, grad_unreduced_axes, is_sharded, local_of,
+                             sharded_axes)
 from .chunk import Chunk, TensorInfo, TensorState, default_chunk_numel, pack
 from .device import CudaDevice, SimulatedDevice, host_available_bytes
 from .manager import ChunkManager, MemoryPlacementError
@@ -128,6 +134,7 @@ class OptimState:
     exp_avg_sq: Chunk | None = None
     location: str = "host"
     step: int = 0
+    grad: torch.Tensor | None = None     # ZeRO with clipping: the reduced gradient shard, kept until the step
 
     def os_chunks(self) -> list[Chunk]:
         return [c for c in (self.master, self.exp_avg, self.exp_avg_sq) if c is not None]
@@ -170,8 +177,10 @@ class Offload:
         compute_dtype: the dtype parameters have during forward/backward (and gradients).
         master_dtype: the dtype of the master weights and Adam moments.
         chunk_numel: elements per chunk (default: least padding, >= the largest parameter).
-        mesh, data_axis: ZeRO over ``data_axis`` of ``mesh``: gradients reduce-scattered (mean),
-            optimizer state sharded, parameters all-gathered after the step.
+        mesh, data_axis: ZeRO over ``data_axis`` of ``mesh``: gradients reduce-scattered (plain
+            parameters: mean; ShardedTensor parameters: the global gradient, as ``meshpar.optim.zero``),
+            optimizer state sharded, parameters all-gathered after the step. ShardedTensor parameters
+            (tensor parallelism) must live on ``mesh`` (when given) and not be split over ``data_axis``.
         host_capacity: bytes the host may hold (default ``MemAvailable``); checked at construction.
         init: for parameters on the meta device, ``init(name, tensor)`` fills the master value in place.
         cpu_step / device_step: flat AdamW kernels ``f(param, grad, exp_avg, exp_avg_sq, step, *, lr,
@@ -179,6 +188,10 @@ class Offload:
         overlap: run host optimizer steps on a worker thread while the backward continues.
         margin: device bytes kept free beyond the recorded peak (CUDA default 2 GiB, simulated 0).
         warmup_fraction: share of the capacity parameter chunks may use in the warm-up step (CUDA).
+        clip_grad_norm: clip the gradients to this global norm before AdamW, exactly as
+            ``torch.nn.utils.clip_grad_norm_`` on the dense model (every element counted once over data,
+            tensor-parallel and ZeRO shards). Every optimizer step then waits for the end of the backward
+            (they run in :meth:`step`, after the norm); :attr:`last_grad_norm` is the norm before clipping.
         step_sync: :meth:`step` waits for the host optimizer steps. By default they may run on into
             the next forward (a chunk is waited for only when a unit needs it; the host-stepped
             chunks are the last layers', needed last).
@@ -192,7 +205,7 @@ class Offload:
                  host_capacity: int | None = None, init: Callable[[str, torch.Tensor], None] | None = None,
                  cpu_step: StepFn | None = None, device_step: StepFn | None = None, overlap: bool = True,
                  margin: int | None = None, warmup_fraction: float = 0.3, lookahead: int = 2,
-                 step_sync: bool = False):
+                 step_sync: bool = False, clip_grad_norm: float | None = None):
         if memory not in MEMORY_KINDS:
             raise ValueError(f"memory must be one of {MEMORY_KINDS}, got {memory!r}")
         self.model, self.memory = model, memory
@@ -215,6 +228,10 @@ class Offload:
         self.device_step = device_step or adamw_fused_
         self.overlap = overlap and self.dp == 1
         self.step_sync = step_sync
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
+        self.clip_grad_norm = clip_grad_norm
+        self.last_grad_norm: torch.Tensor | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="meshpar-cpu-adam") if self.overlap else None
 
         self.units = _select_units(model, units)
@@ -232,10 +249,6 @@ class Offload:
         if missing:
             raise ValueError(f"offload: parameters {missing[:5]} (of {len(missing)}) belong to no unit; every "
                              f"parameter must be inside a unit (units={units!r})")
-        sharded = [n for n, p in named if hasattr(p, "spec") and hasattr(p, "_local")]
-        if sharded:
-            raise ValueError(f"offload: parameters {sharded[:3]} are ShardedTensors (tensor parallelism); the chunk "
-                             "manager handles plain parameters only (ZeRO over mesh= data_axis= is supported)")
         frozen = [n for n, p in named if not p.requires_grad]
         if frozen:
             raise ValueError(f"offload: parameters {frozen[:5]} do not require grad; freeze nothing or keep them "
@@ -247,7 +260,9 @@ class Offload:
         self.compute_dtype = compute_dtype or (p0.dtype if p0.is_floating_point() else torch.float32)
         self.master_dtype = master_dtype or (torch.float32 if self.compute_dtype in (torch.float16, torch.bfloat16)
                                              else self.compute_dtype)
-        numels = [p.numel() for _, p in named]
+        self._defer_saved: list[tuple[nn.Parameter, object]] = []
+        self._check_sharded([(n, p) for n, p in named if is_sharded(p)], meta_names)
+        numels = [local_of(p).numel() for _, p in named]
         align = 64 * self.dp
         self.chunk_numel = chunk_numel or default_chunk_numel(numels, multiple=align)
         if self.chunk_numel % self.dp:
@@ -268,12 +283,13 @@ class Offload:
             master = Chunk(ci, shard, self.master_dtype, kind="master")
             master.host_payload = torch.zeros(shard, dtype=self.master_dtype)
             for name, p, off in entries:
-                ti = TensorInfo(name, p, c, off, p.numel(), p.shape)
+                n = local_of(p).numel()
+                ti = TensorInfo(name, p, c, off, n, local_of(p).shape)
                 c.tensors.append(ti)
                 self.info[id(p)] = ti
                 val = self._initial_value(name, p, init, name in meta_names)
-                c.host_payload[off:off + p.numel()].copy_(val.reshape(-1))
-                a, b = max(off, lo), min(off + p.numel(), hi)
+                c.host_payload[off:off + n].copy_(val.reshape(-1))
+                a, b = max(off, lo), min(off + n, hi)
                 if a < b:
                     master.host_payload[a - lo:b - lo].copy_(val.reshape(-1)[a - off:b - off])
                 del val
@@ -320,6 +336,52 @@ class Offload:
         unit_params = [[new.get(id(p), p) for p in ps] for ps in unit_params]
         return named, unit_params
 
+    def _check_sharded(self, sharded: list[tuple[str, nn.Parameter]], meta_names: set[str]) -> None:
+        """Validate ShardedTensor parameters (tensor parallelism) before anything changes; under ZeRO,
+        defer their gradients' sum over the data axis to the chunk reduction (as ``meshpar.optim.zero``)."""
+        if not sharded:
+            return
+        dev_type = torch.device(self.dev.device).type
+        for name, p in sharded:
+            what = describe(p, name)
+            if name in meta_names:
+                raise ValueError(f"offload: {what} is a ShardedTensor on the meta device; lay out a materialized "
+                                 "model (meta initialisation is for plain parameters)")
+            if self.mesh is not None and p.mesh != self.mesh:
+                raise ValueError(f"offload: {what} lives on {p.mesh}, but mesh={self.mesh} was given")
+            if self.dp > 1 and self.data_axis in sharded_axes(p):
+                raise ValueError(f"offload: {what} is split over the data axis {self.data_axis!r}, over which the "
+                                 "chunk manager shards (ZeRO) itself; keep only tensor-parallel axes in its spec")
+            if p.dtype != self.compute_dtype:
+                raise ValueError(f"offload: {what} has dtype {p.dtype} but compute_dtype is {self.compute_dtype}; "
+                                 "create ShardedTensor parameters in the compute dtype (the master copy is kept "
+                                 "in master_dtype)")
+            if p.device.type != dev_type:
+                raise ValueError(f"offload: {what} is on {p.device}, the chunk device on {dev_type}; move the model "
+                                 "there first (a ShardedTensor's device is fixed)")
+        if self.dp > 1:
+            for _, p in sharded:
+                old = getattr(p, DEFER_ATTR, None)
+                self._defer_saved.append((p, old))
+                setattr(p, DEFER_ATTR, tuple(dict.fromkeys(tuple(old or ()) + (self.data_axis,))))
+
+    def _local_grad(self, p: nn.Parameter) -> torch.Tensor:
+        """The local block of ``p``'s gradient, reduced except over the ZeRO data axis and scaled for the
+        chunk's sum over it (:func:`~meshpar.optim.params.grad_factor`, as ``meshpar.optim.zero``)."""
+        g = grad_local(p)
+        if is_sharded(p):
+            zero_axes = (self.data_axis,) if self.dp > 1 else ()
+            partial = grad_unreduced_axes(p)
+            rest = tuple(a for a in p.mesh.names if a in partial and a not in zero_axes)
+            if rest:      # still a partial sum (e.g. parallelize(defer_reduce=...) without ZeRO): sum it here
+                from ..mesh import collectives as C
+                g = C.all_reduce(g, p.mesh, rest)
+        if self.dp > 1:
+            alpha = grad_factor(p, self.data_axis, self.dp)
+            if alpha != 1.0:
+                g = g * alpha
+        return g
+
     def _initial_value(self, name: str, p: nn.Parameter, init, is_meta: bool) -> torch.Tensor:
         if is_meta:
             if init is None:
@@ -328,7 +390,7 @@ class Offload:
                             device=self.dev.device if not self.dev.simulated else "cpu")
             init(name, t)
             return t.cpu()
-        return p.detach().to(self.master_dtype).cpu()
+        return local_of(p).detach().to(self.master_dtype).cpu()
 
     def _check_host(self, numels: Sequence[int], host_capacity: int | None) -> None:
         """Raise before the first step when the host cannot hold the state it must hold."""
@@ -435,7 +497,7 @@ class Offload:
         if ti.has_grad:       # a second backward in one step would overwrite the parameter's slot
             raise RuntimeError(f"offload: a second gradient for {ti.name} in one step; gradient accumulation over "
                                "several backward calls is not supported (call step() after each backward)")
-        slot.copy_(p.grad.reshape(-1))
+        slot.copy_(self._local_grad(p).reshape(-1))
         p.grad = None
         ti.has_grad = True
         ti.state = TensorState.HOLD_AFTER_BWD
@@ -446,7 +508,7 @@ class Offload:
                 if self._pending_bwd[ui] == 0:
                     del self._pending_bwd[ui]
                     self._release(ui)
-        if all(t.has_grad for t in c.tensors) and self.warm:
+        if all(t.has_grad for t in c.tensors) and self.warm and self.clip_grad_norm is None:
             self._done_chunks.add(c.index)
             self._step_chunk(self.states[c.index])
 
@@ -463,7 +525,7 @@ class Offload:
         if self.dp == 1:
             return g
         from ..mesh import collectives as C
-        return C.reduce_scatter(g, self.mesh, self.data_axis).div_(self.dp)
+        return C.reduce_scatter(g, self.mesh, self.data_axis)   # the slots were scaled by _local_grad
 
     def _gather_into(self, c: Chunk, new_shard: torch.Tensor) -> None:
         """Write this rank's new parameter shard and the other ranks' into ``c``'s payload."""
@@ -484,8 +546,11 @@ class Offload:
                     out.append((a - st.lo, b - st.lo))
         return out
 
-    def _adam(self, st: OptimState, grad: torch.Tensor, fn: StepFn, skip: list[tuple[int, int]] | None = None) -> None:
+    def _adam(self, st: OptimState, grad: torch.Tensor, fn: StepFn, skip: list[tuple[int, int]] | None = None,
+              coef: torch.Tensor | None = None) -> None:
         skip = self._skip_mask(st) if skip is None else skip
+        if coef is not None:                  # gradient clipping: the global coefficient (1.0 leaves it exact)
+            grad = grad * coef.to(grad.device, grad.dtype)
         saved = [(a, b, [x.payload[a:b].clone() for x in st.os_chunks()]) for a, b in skip]
         st.step += 1
         b1, b2 = self.hp.betas
@@ -495,29 +560,71 @@ class Offload:
             for x, v in zip(st.os_chunks(), vals):
                 x.payload[a:b].copy_(v)
 
-    def _step_chunk(self, st: OptimState) -> None:
-        """Run the optimizer on chunk ``st.chunk`` whose slots hold gradients; the slots get parameters back."""
+    def _reduced_grad(self, st: OptimState) -> torch.Tensor:
+        """ZeRO: this rank's shard of the chunk's gradient summed over data (brings the chunk to the device;
+        kept in ``st.grad`` until the chunk's step takes it)."""
+        if st.grad is None:
+            c = st.chunk
+            self._resident(c)
+            st.grad = self._grad_shard(c, c.device_payload)
+        return st.grad
+
+    def _resident(self, c: Chunk) -> None:
+        """Bring ``c`` to the device (evicting others) if it is not there."""
+        if c.device_payload is None:
+            c.pins += 1
+            self.mgr.access(c)
+            c.pins -= 1
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The global norm of this step's gradients (collective over the mesh when there is one)."""
+        from ..optim.clip import sum_sq_by_axes
+        data = (self.data_axis,) if self.dp > 1 else ()
+        parts, keys = [], set()
+        for st in self.states:
+            c = st.chunk
+            for t in c.tensors:     # sorted: every rank must issue the per-key reductions in one order
+                keys.add(tuple(sorted(data + sharded_axes(t.param))))
+            if not any(t.has_grad for t in c.tensors):
+                continue
+            if self.dp > 1:
+                g = self._reduced_grad(st)
+            elif c.device_payload is not None:
+                g = c.device_payload[st.lo:st.hi]
+            else:                       # evicted with its gradients: the host copy, once its download is done
+                if c.host_event is not None:
+                    c.host_event.wait_host()
+                g = c.host_payload[st.lo:st.hi]
+            for t in c.tensors:
+                a, b = max(t.offset, st.lo), min(t.offset + t.numel, st.hi)
+                if t.has_grad and a < b:
+                    parts.append((tuple(sorted(data + sharded_axes(t.param))), g[a - st.lo:b - st.lo]))
+        mesh = self.mesh if self.mesh is not None else next(
+            (t.param.mesh for t in self.info.values() if is_sharded(t.param)), None)
+        if mesh is None:                # plain parameters on one rank
+            return torch.stack([t.detach().double().pow(2).sum() for _, t in parts]).sum().sqrt()
+        return sum_sq_by_axes(parts, mesh, keys)
+
+    def _step_chunk(self, st: OptimState, coef: torch.Tensor | None = None) -> None:
+        """Run the optimizer on chunk ``st.chunk`` whose slots hold gradients; the slots get parameters back.
+        ``coef``: the gradient clipping coefficient."""
         c = st.chunk
         if st.location == "device":
-            if c.device_payload is None:
-                c.pins += 1
-                self.mgr.access(c)
-                c.pins -= 1
-            g = self._grad_shard(c, c.device_payload)
-            g = g[st.lo:st.hi] if self.dp == 1 else g
-            self._adam(st, g.to(self.master_dtype), self.device_step)
+            if self.dp > 1:
+                g, st.grad = self._reduced_grad(st), None
+            self._resident(c)                  # (with clipping it may have moved since its reduction)
+            if self.dp == 1:
+                g = c.device_payload[st.lo:st.hi]
+            self._adam(st, g.to(self.master_dtype), self.device_step, coef=coef)
             self._gather_into(c, st.master.payload.to(self.compute_dtype))
             c.host_valid = False
             self._after_step(c)
             return
         # optimizer state on the host
         if self.dp > 1:
-            if c.device_payload is None:
-                c.pins += 1
-                self.mgr.access(c)
-                c.pins -= 1
-            g = self._grad_shard(c, c.device_payload).to("cpu", self.master_dtype)
-            self._adam(st, g, self.cpu_step)
+            g, st.grad = self._reduced_grad(st), None
+            self._adam(st, g.to("cpu", self.master_dtype), self.cpu_step, coef=coef)
+            self._resident(c)
             self._gather_into(c, st.master.payload.to(self.compute_dtype).to(c.device_payload.device))
             c.host_valid = False
             self._after_step(c)
@@ -539,7 +646,7 @@ class Offload:
             if ev is not None:
                 ev.wait_host()
             host = c.host_payload
-            self._adam(st, host[st.lo:st.hi].to(self.master_dtype), self.cpu_step, skip)
+            self._adam(st, host[st.lo:st.hi].to(self.master_dtype), self.cpu_step, skip, coef)
             host[st.lo:st.hi].copy_(st.master.payload)
 
         if self._pool is not None and self.warm:
@@ -609,10 +716,15 @@ class Offload:
         if not self.warm:
             self.mgr.end_warmup()
             self._place_states()
+        coef = None
+        if self.clip_grad_norm is not None:
+            from ..optim.clip import clip_coef
+            self.last_grad_norm = self._grad_norm()
+            coef = clip_coef(self.last_grad_norm, self.clip_grad_norm)
         for st in self.states:
             c = st.chunk
             if c.index not in self._done_chunks and any(t.has_grad for t in c.tensors):
-                self._step_chunk(st)
+                self._step_chunk(st, coef)
             elif not any(t.has_grad for t in c.tensors) and c.index not in self._done_chunks:
                 for t in c.tensors:
                     if t.state == TensorState.HOLD_AFTER_BWD:
@@ -636,7 +748,9 @@ class Offload:
         """Gradients live in the chunks and are consumed by :meth:`step`; nothing to clear."""
 
     def master_params(self) -> dict[str, torch.Tensor]:
-        """Name -> this rank's master values (full tensors when not sharded; ZeRO: all-gathered), on the CPU."""
+        """Name -> this rank's master values on the CPU (ZeRO: all-gathered over data); a ShardedTensor
+        parameter's as a ShardedTensor of its layout around the master block (``meshpar.unshard`` gives the
+        global value)."""
         self.synchronize()
         out = {}
         full = []
@@ -650,7 +764,12 @@ class Offload:
             st = self.states[ti.chunk.index]
             base = full[ti.chunk.index]
             off = ti.offset if self.dp > 1 else ti.offset - st.lo
-            out[ti.name] = base[off:off + ti.numel].view(ti.shape).clone()
+            val = base[off:off + ti.numel].view(ti.shape).clone()
+            if is_sharded(ti.param):
+                from ..sharding.api import from_local
+                p = ti.param
+                val = from_local(val, p.spec, p.mesh, p.shape)
+            out[ti.name] = val
         return out
 
     def synchronize(self) -> None:
@@ -664,7 +783,15 @@ class Offload:
         return list(self.mgr.chunks) + [x for st in self.states for x in st.os_chunks()]
 
     def close(self) -> None:
+        """Remove the hooks, stop the worker thread, give ShardedTensor parameters back their own
+        gradient-reduction setting."""
         self.remove_hooks()
+        for p, old in self._defer_saved:
+            if old is None:
+                delattr(p, DEFER_ATTR)
+            else:
+                setattr(p, DEFER_ATTR, old)
+        self._defer_saved = []
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 

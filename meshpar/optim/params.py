@@ -40,6 +40,23 @@ def grad_unreduced_axes(p: torch.Tensor) -> tuple[str, ...]:
     return tuple(getattr(g.spec, "unreduced", ()) or ())
 
 
+def grad_factor(p: torch.Tensor, axis: str, nd: int, grad_reduce: str = "auto") -> float:
+    """The factor of ``p``'s local gradient block before it is summed over the data ``axis`` of size ``nd``.
+
+    ``"sum"``: 1; ``"mean"``: ``1/nd``; ``"auto"``: a ShardedTensor gradient still partial over ``axis``
+    (``grad.spec.unreduced``, a slice of one global loss) is summed (1), an already reduced one is
+    averaged over its ``nd`` equal copies, and a plain tensor's per-rank gradient of a per-rank mean
+    loss is averaged (the DDP convention). Read while ``p.grad`` is set (a post-accumulate-grad hook).
+    """
+    if grad_reduce == "sum":
+        return 1.0
+    if grad_reduce == "mean":
+        return 1.0 / nd
+    if is_sharded(p):
+        return 1.0 if axis in grad_unreduced_axes(p) else 1.0 / nd
+    return 1.0 / nd
+
+
 def sharded_axes(p: torch.Tensor) -> tuple[str, ...]:
     """Mesh axes the parameter's tensor dimensions are split over (empty when replicated)."""
     if not is_sharded(p):

@@ -28,7 +28,7 @@ from . import gather
 from .clip import clip_coef, sum_sq_by_axes
 from .elementwise import check_elementwise
 from .layout import Bucket, Entry, plan_buckets
-from .params import DEFER_ATTR, describe, grad_local, grad_unreduced_axes, is_sharded, local_of, sharded_axes
+from .params import DEFER_ATTR, describe, grad_factor, grad_local, is_sharded, local_of, sharded_axes
 from .scaler import LossScaler
 
 _LOW = (torch.bfloat16, torch.float16)
@@ -201,13 +201,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return pre
 
     def _factor(self, p: torch.Tensor) -> float:
-        if self.grad_reduce == "sum":
-            return 1.0
-        if self.grad_reduce == "mean":
-            return 1.0 / self.nd
-        if is_sharded(p):  # a partial sum over data: sum it; already reduced: average the copies
-            return 1.0 if self.axis in grad_unreduced_axes(p) else 1.0 / self.nd
-        return 1.0 / self.nd  # plain tensors: per-rank grads of a per-rank mean loss (DDP convention)
+        return grad_factor(p, self.axis, self.nd, self.grad_reduce)
 
     def _on_grad(self, p: torch.Tensor) -> None:
         b, e = self._where[id(p)]
