@@ -147,3 +147,19 @@ def test_property_matches_dense(pool, stage, nd, bucket_bytes, opt_name, accum):
     want = dense(opt_name, steps=2, accum=accum)
     for res in pool.run(train, (nd,), ("data",), stage, opt_name, 2, accum, None, True, bucket_bytes / 2 ** 20):
         assert_same(res, want)
+
+
+def _axes_in_mesh_order(mesh):
+    from meshpar.optim.params import sharded_axes
+    out = []
+    for spec in (mp.P("y", "x"), mp.P(("y", "x")), mp.P("x", "y"), mp.P(None, ("y", "x"))):
+        p = mp.shard(torch.zeros(4, 4), spec, mesh)
+        out.append(sharded_axes(p))
+    return out
+
+
+def test_sharded_axes_in_mesh_order(pool):
+    """Collective keys (clipping norms, ZeRO groups) come from sharded_axes: a frozenset's order follows
+    the per-process string-hash seed, so two ranks could issue their all-reduces in different orders."""
+    for res in pool.run(_axes_in_mesh_order, (2, 2), ("x", "y")):
+        assert res == [("x", "y")] * 4

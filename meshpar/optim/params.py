@@ -58,12 +58,15 @@ def grad_factor(p: torch.Tensor, axis: str, nd: int, grad_reduce: str = "auto") 
 
 
 def sharded_axes(p: torch.Tensor) -> tuple[str, ...]:
-    """Mesh axes the parameter's tensor dimensions are split over (empty when replicated)."""
+    """Mesh axes the parameter's tensor dimensions are split over, in mesh order (empty when replicated)."""
     if not is_sharded(p):
         return ()
     spec = p.spec
     if hasattr(spec, "used_axes"):
-        return tuple(spec.used_axes())
+        # in mesh order: a frozenset's order depends on the process's string-hash seed, and callers use
+        # these tuples as keys of collectives every rank must issue in the same order
+        used = spec.used_axes()
+        return tuple(a for a in p.mesh.names if a in used)
     out: list[str] = []
     for e in spec.entries:
         if e is None:
