@@ -31,7 +31,8 @@ for s in "$@"; do
              --warmup 2 --iters 3 --timeout 190 --out "$L" ;;
     module) step module 100 "$PY" tests/gpu_module_script.py dense,dp,1d,2d,2.5d,3d warn ;;
     offcheck) step offcheck 150 "$PY" bench/offload.py --run check --out "$L" ;;
-    kernels) step kernels 130 env MESHPAR_ENABLE_KERNELS=all "$PY" bench/kernels.py
+    kernels) step build 120 env MESHPAR_ENABLE_KERNELS=all "$PY" -m meshpar.train.cli build-ops
+             step kernels 200 env MESHPAR_ENABLE_KERNELS=all "$PY" bench/kernels.py
              step fused_loss 150 env MESHPAR_ENABLE_KERNELS=all "$PY" bench/fused_loss.py
              step cpu_adamw 70 env MESHPAR_ENABLE_KERNELS=all "$PY" bench/cpu_adamw.py ;;
     *) echo "unknown step $s" ;;
