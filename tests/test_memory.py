@@ -276,3 +276,43 @@ def test_clip_grad_norm_zero_two_data_ranks(pool, budget, memory):
 def test_clip_grad_norm_must_be_positive():
     with pytest.raises(ValueError, match="clip_grad_norm"):
         mm.offload(make_model(), device="simulated", device_budget=CB, clip_grad_norm=0.0)
+
+
+def test_host_step_in_place_equals_the_float32_copy_path(monkeypatch):
+    """bf16 compute, fp32 master, one rank: the default host step runs AdamW straight from the chunk's bf16
+    gradients and writes the bf16 parameters over them (cuda_ops CPU AdamW, or its torch fallback); it equals
+    the float32-copy path (an explicit ``cpu_step``) to float32 rounding, and it really ran."""
+    import meshpar.optim.cpu_adamw as ca
+    calls = []
+    real = ca.adamw_step_
+
+    def spy(*a, **k):
+        calls.append(k.get("bf16_out") is not None and k["bf16_out"].data_ptr() == a[1].data_ptr())
+        return real(*a, **k)
+    monkeypatch.setattr(ca, "adamw_step_", spy)
+
+    def run(**kw):
+        model = make_model().to(torch.bfloat16)
+        off = mm.offload(model, memory="host", device="simulated", device_budget=2 * CHUNK * 2, chunk_numel=CHUNK,
+                         lr=LR, weight_decay=WD, **kw)
+        for s in range(STEPS):
+            x, y = batch(s)
+            ((model(x.bfloat16()) - y.bfloat16()).float() ** 2).mean().backward()
+            off.step()
+        off.synchronize()
+        params = {c.index: c.host_payload.float().clone() for c in off.mgr.chunks}   # the bf16 parameters
+        for st in off.states:   # each chunk's bf16 parameters are its fp32 master values, rounded
+            assert torch.equal(st.chunk.host_payload[st.lo:st.hi], st.master.payload.to(torch.bfloat16))
+        out = off.master_params()
+        off.close()
+        return out, params
+
+    fast, fast_p = run()
+    assert calls and all(calls)                  # in place: the output buffer is the gradient buffer
+    n_fast = len(calls)
+    slow, slow_p = run(cpu_step=adamw_reference_)
+    assert len(calls) == n_fast                  # an explicit cpu_step keeps the float32-copy path
+    assert all(v.dtype == torch.float32 for v in fast.values())
+    assert max(float((fast[n] - slow[n]).abs().max()) for n in slow) < 1e-5
+    assert max(float((fast_p[n] - slow_p[n]).abs().max()) for n in slow_p) < 1e-2   # bf16 copies: <= 1 ulp
+

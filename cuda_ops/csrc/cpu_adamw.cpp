@@ -33,8 +33,11 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays a qu
 }
 
 template <bool GradBF16, bool OutBF16>
-void step_block(float* __restrict p, const void* __restrict gv, float* __restrict m, float* __restrict v,
-                uint16_t* __restrict out, int64_t lo, int64_t hi, float decay, float one_m_b1, float b2,
+// ``out`` may alias ``gv`` element for element (the chunk manager writes the new bf16 parameters over the
+// bf16 gradients they were computed from): each element's gradient is read before its output is written,
+// so those two pointers are not __restrict; ``omp simd`` still vectorizes the loop.
+void step_block(float* __restrict p, const void* gv, float* __restrict m, float* __restrict v,
+                uint16_t* out, int64_t lo, int64_t hi, float decay, float one_m_b1, float b2,
                 float one_m_b2, float neg_step, float bc2s, float eps) {
   const float* gf = static_cast<const float*>(gv);
   const uint16_t* gh = static_cast<const uint16_t*>(gv);

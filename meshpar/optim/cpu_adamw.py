@@ -52,7 +52,8 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
         lr, beta1, beta2, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled decay ``p *= 1 - lr*wd``).
         step: the step number after this update (1 for the first step): bias corrections use it.
         bf16_out: optional bfloat16 tensor of ``n`` elements receiving the updated parameters
-            (round to nearest even, as ``param.to(torch.bfloat16)``).
+            (round to nearest even, as ``param.to(torch.bfloat16)``). It may be ``grad`` itself (a bf16
+            gradient overwritten by the new parameters, element for element).
         num_threads: OpenMP threads for the kernel (default: torch's intra-op thread count).
     """
     n = param.numel()
