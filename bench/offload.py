@@ -361,6 +361,7 @@ def run_one(args) -> dict:
                peak_host_bytes=host_peak(), batch=args.batch, seq=args.seq)
     if torch.cuda.is_available():
         res["device"] = torch.cuda.get_device_name(0)
+        res["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
     return res
 
 
@@ -369,9 +370,15 @@ def child(mode: str, size: str, args, timeout: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--run", mode, "--size", size, "--batch", str(args.batch),
            "--seq", str(args.seq), "--warmup", str(args.warmup), "--iters", str(args.iters), "--memory", args.memory,
            "--lr", str(args.lr)] + (["--smoke"] if args.smoke else [])
+    env = dict(os.environ)
+    if mode == "meshpar" and args.alloc_conf and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        # chunks of hundreds of MB come and go between activations: without expandable segments the caching
+        # allocator fragments (2026-12-08, H100, 8.5B at batch 16: a 6.14 GiB request failed with 6.1 GiB
+        # reserved but unallocated)
+        env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"mode": mode, "size": size, "error": f"timeout after {timeout:.0f}s"}
     for line in p.stdout.splitlines():
@@ -467,6 +474,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--timeout", type=float, default=480.0, help="seconds per size/mode subprocess")
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny GPT on a simulated device budget")
+    ap.add_argument("--alloc-conf", default="expandable_segments:True",
+                    help="PYTORCH_CUDA_ALLOC_CONF for the meshpar runs when the environment sets none ('' for none)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = ap.parse_args()
     args.vocab = 128 if args.smoke else VOCAB

@@ -11,9 +11,13 @@ Two implementations of one small interface:
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from typing import Any, ContextManager
 
 import torch
+
+log = logging.getLogger("meshpar.memory")
 
 
 class Event:
@@ -103,6 +107,10 @@ class CudaDevice:
         self._down = torch.cuda.Stream(self.device)    # device -> host (PCIe is full duplex)
         self.track_nonmodel = track_nonmodel
         self.nonmodel = 0
+        if "expandable_segments:true" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower():
+            log.info("offload on CUDA: set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before the first CUDA "
+                     "allocation; chunks moving between activations fragment the caching allocator otherwise "
+                     "(an out-of-memory error with GiBs 'reserved but unallocated')")
         self.uploads = 0
         self.downloads = 0
 
