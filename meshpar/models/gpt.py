@@ -1,7 +1,6 @@
 """meshpar's GPT: a plain nanoGPT-like ``nn.Module`` that knows nothing of parallelism.
 
-It imports only torch (and, lazily, the chunked loss head of :mod:`meshpar.ops.fused_loss`, torch ops on
-plain tensors). Tensor and sequence parallelism are applied from outside::
+It imports only torch (and, lazily, the chunked loss head of :mod:`meshpar.ops.fused_loss`). Tensor and sequence parallelism are applied from outside::
 
     model = GPT(cfg)
     mp.parallelize(model, mesh, parallel_plan("gpt", "2d", data=("data",)))
@@ -45,8 +44,9 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     #: the loss of ``forward(idx, targets)`` by the chunked linear + cross-entropy of
-    #: :mod:`meshpar.ops.fused_loss` (never holds the ``[B*T, V]`` logits) when the head's input and
-    #: weight are plain tensors; a laid-out head (ShardedTensors) uses the plan's cross-entropy rule
+    #: :mod:`meshpar.ops.fused_loss` (never holds the ``[B*T, V]`` logits) where it applies: plain tensors,
+    #: or a head whose feature dim is whole and whose weight is split over the vocabulary at most (dense,
+    #: data-parallel, 1d and sequence-parallel plans); else the logits and the plan's cross-entropy rule
     fused_loss: bool = True
 
     def __post_init__(self):
@@ -188,12 +188,11 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if targets is None:
             return self.lm_head(x)
-        w = self.lm_head.weight
-        if self.cfg.fused_loss and type(x) is torch.Tensor and type(w) in (torch.Tensor, nn.Parameter) \
-                and type(targets) is torch.Tensor and self.lm_head.bias is None and x.dtype == w.dtype \
-                and not torch.is_autocast_enabled(x.device.type):
-            from ..ops.fused_loss import fused_linear_cross_entropy  # torch ops on plain tensors
-            return fused_linear_cross_entropy(x, w, targets, ignore_index=-1)
+        if self.cfg.fused_loss and self.lm_head.bias is None:
+            from ..ops.fused_loss import try_fused_linear_cross_entropy
+            loss = try_fused_linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1)
+            if loss is not None:
+                return loss
         logits = self.lm_head(x)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
 

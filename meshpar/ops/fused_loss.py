@@ -220,4 +220,82 @@ def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: t
                                     vocab_size, mesh, va, ba)
 
 
-__all__ = ["fused_linear_cross_entropy", "default_chunk"]
+def sharded_fused_linear_cross_entropy(x, weight, targets, *, ignore_index: int = -100, reduction: str = "mean",
+                                       chunk_size: int | None = None):
+    """:func:`fused_linear_cross_entropy` on laid-out operands: the loss as a replicated ShardedTensor ``P()``.
+
+    Layouts taken (anything else raises :class:`ShardingError` before any communication, so a caller can
+    fall back to ``cross_entropy(x @ weight.T)``):
+
+    * ``x [..., C]``: a ShardedTensor whose leading dims may be split (the token axes, zigzag included) and
+      whose last dim is whole; no partial sums.
+    * ``weight [V, C]``: split over the vocabulary only (``P(va, None)``, the vocab axes) or replicated.
+    * ``targets [...]``: laid out as ``x``'s leading dims, or whole where ``x`` is split (a plain tensor, or a
+      ShardedTensor split on a prefix of ``x``'s axes): their block is then a free local slice.
+    * the vocab axes and the token axes are disjoint.
+
+    Gradients: ``x``'s block gets its full gradient (summed over the vocab axes inside the kernel);
+    ``weight``'s block gets its tokens' contribution, summed over the token axes by the usual rule
+    (deferred on a data axis the parameter defers, as for any data-parallel weight).
+    """
+    from ..sharding.core import enter, local_in, wrap
+    from ..sharding.spec import P
+
+    if not isinstance(x, ShardedTensor):
+        raise ShardingError("sharded_fused_linear_cross_entropy: x must be a ShardedTensor")
+    mesh = x.mesh
+    nd = x.ndim
+    for name, t in (("weight", weight), ("targets", targets)):
+        if isinstance(t, ShardedTensor) and t.mesh is not mesh:
+            raise ShardingError(f"sharded_fused_linear_cross_entropy: {name} is on another mesh")
+    if x.spec.unreduced or (isinstance(weight, ShardedTensor) and weight.spec.unreduced):
+        raise ShardingError("sharded_fused_linear_cross_entropy: partial sums; reduce first")
+    if x.spec.axes_of(nd - 1):
+        raise ShardingError(f"sharded_fused_linear_cross_entropy: x {x.spec} splits the feature dim")
+    wspec = weight.spec if isinstance(weight, ShardedTensor) else P()
+    if weight.ndim != 2 or wspec.axes_of(1):
+        raise ShardingError(f"sharded_fused_linear_cross_entropy: weight {wspec} must be [V, C] split over V at most")
+    lead = tuple(x.spec.axes_of(d) for d in range(nd - 1))
+    batch_axes = tuple(a for ax in lead for a in ax)
+    vocab_axes = tuple(wspec.axes_of(0))
+    from ..sharding.spec import base_axis
+    if {base_axis(a) for a in vocab_axes} & {base_axis(a) for a in batch_axes}:
+        raise ShardingError("sharded_fused_linear_cross_entropy: vocab and token axes overlap")
+    if tuple(targets.shape) != tuple(x.shape[:-1]):
+        raise ShardingError(f"sharded_fused_linear_cross_entropy: targets {tuple(targets.shape)} must be x's leading "
+                            f"shape {tuple(x.shape[:-1])}")
+    if isinstance(targets, ShardedTensor) and targets.spec.unreduced:
+        raise ShardingError("sharded_fused_linear_cross_entropy: targets are a partial sum")
+    # the targets' block in x's token layout: equal specs, or a free local slice where the targets are
+    # whole (e.g. a sequence-parallel plan whose targets are split over the batch only); else refused
+    t_loc = local_in(targets, P(*[ax or None for ax in lead]), nd - 1, mesh)
+    if x.dtype != weight.dtype:
+        raise ShardingError(f"sharded_fused_linear_cross_entropy: x is {x.dtype} but weight is {weight.dtype}")
+    x_loc = enter(x)                                    # dx is complete: the kernel sums it over the vocab axes
+    w_loc = enter(weight, vary=batch_axes) if isinstance(weight, ShardedTensor) else weight
+    plain_batch = tuple(dict.fromkeys(base_axis(a) for a in batch_axes))
+    loss = fused_linear_cross_entropy(x_loc, w_loc, t_loc, ignore_index=ignore_index, reduction=reduction,
+                                      chunk_size=chunk_size, mesh=mesh, vocab_axes=vocab_axes or None,
+                                      batch_axes=plain_batch or None)
+    return wrap(loss, P(), mesh, ())
+
+
+def try_fused_linear_cross_entropy(x, weight, targets, *, ignore_index: int = -100) -> torch.Tensor | None:
+    """The chunked loss head where it applies, else None (the caller computes the logits and the loss).
+
+    Applies to plain ``x``/``weight``/``targets`` of one dtype, and to the ShardedTensor layouts of
+    :func:`sharded_fused_linear_cross_entropy`; never under autocast (it does not cast)."""
+    if x.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return None
+    if not any(isinstance(t, ShardedTensor) for t in (x, weight, targets)):
+        return fused_linear_cross_entropy(x, weight, targets, ignore_index=ignore_index)
+    if not isinstance(x, ShardedTensor):
+        return None
+    try:
+        return sharded_fused_linear_cross_entropy(x, weight, targets, ignore_index=ignore_index)
+    except ShardingError:
+        return None
+
+
+__all__ = ["fused_linear_cross_entropy", "sharded_fused_linear_cross_entropy", "try_fused_linear_cross_entropy",
+           "default_chunk"]
