@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ShardingError
 from ..sharding.core import enter, local_in, wrap
-from ..sharding.dispatch import register, remember, remember_same_call
+from ..sharding.dispatch import register, remember, remember_grad, remember_same_call
 from ..sharding.spec import P, is_zigzag
 from ..sharding.tensor import ShardedTensor, layout, local_fn_exec
 from ._util import common_mesh, norm_dim
@@ -126,6 +126,8 @@ def _reshape(func, args, kwargs):
     lshape = tuple(_local_shape(new, spec, x.mesh))
     if not torch.is_grad_enabled():
         remember(func, args, kwargs, local_fn_exec(lambda l: l.reshape(lshape), layout(spec, new, x.mesh)))
+    else:
+        remember_grad(func, args, kwargs, lambda l: l.reshape(lshape), spec, new, x.mesh)
     loc = enter(x).reshape(lshape)
     return wrap(loc, spec, x.mesh, new)
 
@@ -139,6 +141,7 @@ def _permute(x: ShardedTensor, perm: Sequence[int], call=None) -> ShardedTensor:
     shape = [x._gshape[p] for p in perm]
     if call is not None:
         remember_same_call(*call, spec, shape)
+        remember_grad(*call, lambda l: l.permute(perm), spec, shape, x.mesh)
     return wrap(enter(x).permute(perm), spec, x.mesh, shape)
 
 

@@ -209,6 +209,20 @@ def remember_same_call(func: Callable, args: tuple, kwargs: dict, spec, shape) -
     FAST.remember(key, same_call_exec(func, layout(spec, shape, args[0].mesh), bool(kwargs)))
 
 
+def remember_grad(func: Callable, args: tuple, kwargs: dict, local_fn: Callable, spec, shape, mesh) -> None:
+    """Memoise, for grad-mode calls with this call's signature, ``wrap(local_fn(enter(args[0])), spec, shape)``:
+    for rules whose whole computation under autograd is one local function of the first operand's block
+    (views). The executor builds what the rule builds (the same autograd node), without routing or planning."""
+    if not torch.is_grad_enabled():
+        return
+    key = signature(func, args, kwargs)
+    if key is None:
+        return
+    from ..ops.pointwise import grad_executor
+    from .core import OperandPlan
+    FAST_GRAD.remember(key, grad_executor(local_fn, (OperandPlan((), ()),), spec, tuple(shape), mesh))
+
+
 from .tensor import _HANDLER  # noqa: E402
 
 _HANDLER[0] = handle_torch_function

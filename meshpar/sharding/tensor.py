@@ -364,10 +364,11 @@ class ShardedTensor(torch.Tensor):
 
 
 _T = torch.Tensor
-# attribute getters that only read autograd/dtype bookkeeping of the wrapper
+# attribute getters that only read autograd/dtype bookkeeping or the global shape of the wrapper (which
+# ``_make_wrapper_subclass`` set to the global shape: no rule needed, and ``.shape`` is read on every op)
 _GETTERS = frozenset(getattr(_T, n).__get__ for n in (
     "requires_grad", "grad_fn", "is_leaf", "retains_grad", "_backward_hooks", "grad", "dtype", "device",
-    "_version", "is_cuda", "layout", "_base") if hasattr(_T, n))
+    "_version", "is_cuda", "layout", "_base", "shape", "ndim") if hasattr(_T, n))
 _DisableTF = torch._C.DisableTorchFunctionSubclass
 
 # filled by meshpar.sharding.dispatch at import (breaks the import cycle tensor <-> dispatch)
