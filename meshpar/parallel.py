@@ -334,7 +334,12 @@ def _install_hooks(mod: nn.Module, lay: Layouts, mesh: Mesh, data_axes: tuple[st
         mod.register_forward_pre_hook(_blockwise_enter, with_kwargs=True)
         mod.register_forward_hook(_blockwise_exit, always_call=True)
     if lay.output is not None:
-        mod.register_forward_hook(lambda m, args, out: _constrain_out(out, lay.output))
+        def out_hook(m, args, out):
+            return _constrain_out(out, lay.output)
+        # only lays out the module's result: a caller that uses the weight without the result may skip it
+        # (the GPT's chunked loss head, meshpar.models.gpt._hooked)
+        out_hook._meshpar_output_layout = True
+        mod.register_forward_hook(out_hook)
 
 
 # ---------------------------------------------------------------------------------------------- apply

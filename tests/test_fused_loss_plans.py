@@ -66,3 +66,18 @@ def test_fused_head_in_plans_equals_unfused(pool, mode, shape, names, balanced, 
             err = float((gf[n] - gu[n]).norm() / max(float(gu[n].norm()), 1e-8))
             assert err < 1e-10, (n, err)
         assert (len(calls) == 1) == fused_runs and all(s == mp.P() for s in calls)
+
+
+def test_hooked_head_computes_logits_through_the_module():
+    """The fused head reads lm_head.weight without calling lm_head: with a hook on lm_head (an offload
+    unit's chunk fetch, a user's hook) the GPT calls the module instead, and the loss is the same."""
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, CFG.vocab_size, (2, CFG.block_size), generator=g)
+    model = GPT(CFG, seed=3, dtype=torch.float64)
+    fused = float(model(idx, idx))
+    seen = []
+    h = model.lm_head.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+    hooked = float(model(idx, idx))
+    h.remove()
+    assert seen == [torch.Size([2, CFG.block_size, CFG.vocab_size])]
+    assert abs(fused - hooked) <= 1e-12 * abs(hooked)

@@ -46,7 +46,8 @@ class GPTConfig:
     #: the loss of ``forward(idx, targets)`` by the chunked linear + cross-entropy of
     #: :mod:`meshpar.ops.fused_loss` (never holds the ``[B*T, V]`` logits) where it applies: plain tensors,
     #: or a head whose feature dim is whole and whose weight is split over the vocabulary at most (dense,
-    #: data-parallel, 1d and sequence-parallel plans); else the logits and the plan's cross-entropy rule
+    #: data-parallel, 1d and sequence-parallel plans) and nothing hooks ``lm_head``'s forward (an offload
+    #: unit, a user hook: the fused head reads the weight without calling the module); else the logits
     fused_loss: bool = True
 
     def __post_init__(self):
@@ -123,6 +124,16 @@ class Embed(nn.Module):
         return F.dropout(self.wte(idx) + self.wpe(pos), self.cfg.dropout, self.training)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether anything hooks ``module``'s forward (its own or global hooks). The chunked loss head reads
+    ``lm_head.weight`` without calling ``lm_head``, so it would skip such hooks (an offload unit's fetch of the
+    weight's chunk, a user's hook): a hooked head computes its logits through the module instead. A plan's
+    output-layout hook (marked ``_meshpar_output_layout``) only lays out the logits and does not count."""
+    from torch.nn.modules import module as _m
+    own = [h for h in module._forward_hooks.values() if not getattr(h, "_meshpar_output_layout", False)]
+    return bool(own or module._forward_pre_hooks or _m._global_forward_hooks or _m._global_forward_pre_hooks)
+
+
 class Head(nn.Module):
     """Final norm and LM head: ``x [B, T, C] -> logits [B, T, V]``."""
 
@@ -188,7 +199,7 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if targets is None:
             return self.lm_head(x)
-        if self.cfg.fused_loss and self.lm_head.bias is None:
+        if self.cfg.fused_loss and self.lm_head.bias is None and not _hooked(self.lm_head):
             from ..ops.fused_loss import try_fused_linear_cross_entropy
             loss = try_fused_linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1)
             if loss is not None:
