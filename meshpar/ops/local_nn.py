@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..errors import ShardingError
 from ..sharding.core import local_in, reduce_unreduced, wrap
-from ..sharding.dispatch import register, remember_same_call
+from ..sharding.dispatch import register, remember_grad, remember_same_call
 from ..sharding.tensor import ShardedTensor
 from ._util import common_mesh, norm_dim
 
@@ -34,6 +34,8 @@ def _softmax(func, args, kwargs):
     rest = {k: v for k, v in kwargs.items() if k != "dim"}
     if not was_unreduced:  # an unreduced input needs its psum first: not memoised
         remember_same_call(func, args, kwargs, x.spec, x._gshape)
+        extra = args[2:]  # not ``args``: the memo must not keep this call's operand alive
+        remember_grad(func, args, kwargs, lambda loc: func(loc, d, *extra, **rest), x.spec, x._gshape, x.mesh)
     out = func(local_in(x, x.spec, nd, x.mesh), d, *args[2:], **rest)
     return wrap(out, x.spec, x.mesh, x._gshape)
 

@@ -19,7 +19,7 @@ import torch
 from ..errors import ShardingError
 from ..mesh import collectives as C
 from ..sharding.core import enter, reduce_unreduced, wrap
-from ..sharding.dispatch import register, remember_same_call, remember_unary
+from ..sharding.dispatch import register, remember_grad, remember_same_call, remember_unary
 from ..sharding.spec import P
 from ..sharding.tensor import ShardedTensor
 from ._util import norm_dims
@@ -77,6 +77,7 @@ def _sum(func, args, kwargs):
         remember_same_call(func, args, kwargs, out_spec, _out_shape(x._gshape, dims, keepdim))
     else:  # a block's mean divides by the block's count, not the global one
         remember_unary(func, args, kwargs, local_fn, out_spec, _out_shape(x._gshape, dims, keepdim))
+    remember_grad(func, args, kwargs, local_fn, out_spec, _out_shape(x._gshape, dims, keepdim), x.mesh)
     loc = enter(x, ())
     if dims == tuple(range(nd)) and not keepdim:
         out = loc.sum(dtype=dtype) if dtype is not None else loc.sum()
