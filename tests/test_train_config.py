@@ -102,3 +102,15 @@ def test_python_and_toml_files(tmp_path):
                     '[train]\nbatch_size = 8\n')
     cfg2 = load_config(toml, world_size=8, overrides={"train.steps": 5})
     assert cfg2.parallel == cfg.parallel and cfg2.section("train") == {"batch_size": 8, "steps": 5}
+
+
+@pytest.mark.parametrize("tensor,names", [(dict(size=1, mode="1d"), ("data", "tp")),
+                                          (dict(size=1, mode="2d"), ("data", "x", "y")),
+                                          (dict(size=1, mode="2.5d", depth=1), ("data", "d", "x", "y")),
+                                          (dict(size=1, mode="3d"), ("data", "i", "j", "k"))])
+def test_tensor_size_one_is_a_one_rank_layout(tensor, names, caplog):
+    """A mode with size 1: the mode's axes, all of size 1 (a plan measured or developed on one GPU)."""
+    with caplog.at_level(logging.INFO, logger="meshpar.train.config"):
+        cfg = load_config(dict(parallel=dict(tensor=tensor)), world_size=1)
+    assert cfg.parallel.mesh_names == names and set(cfg.parallel.mesh_shape) == {1}
+    assert "one-rank layout" in caplog.text
