@@ -18,7 +18,6 @@ parallel over all ranks (2d needs a square); ``fsdp2`` torch ``fully_shard`` per
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -31,10 +30,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import base_parser, results_dir  # noqa: E402
 import meshpar as mp  # noqa: E402
 import meshpar.train as mt  # noqa: E402
 from meshpar.models.gpt import GPT, GPTConfig  # noqa: E402
@@ -163,10 +162,9 @@ def run_fsdp(mode: str, args, gcfg: GPTConfig, world: int, dtype, device) -> tup
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = base_parser(__doc__, smoke_help="tiny sizes, fp32, gloo/CPU: checks the script runs")
     ap.add_argument("--modes", default=None, help="comma list of dense,dp,1d,2d,2.5d,3d,fsdp2,fsdp2_tp (default: "
                     "all that fit); at world 1 the tensor plans run on size-1 axes")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes, fp32, gloo/CPU: checks the script runs")
     ap.add_argument("--n-layer", type=int, default=24)
     ap.add_argument("--n-embd", type=int, default=2048)
     ap.add_argument("--n-head", type=int, default=16)
@@ -176,7 +174,6 @@ def main() -> None:
     ap.add_argument("--zero", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.smoke:
         args.n_layer, args.n_embd, args.n_head, args.vocab, args.seq = 2, 64, 4, 256, 64
@@ -240,8 +237,7 @@ def main() -> None:
                 "global_batch": args.batch, "dtype": str(dtype), "steps": args.steps, "warmup": args.warmup,
                 "model": dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab=args.vocab),
                 "results": results}
-        out = Path(args.out or ("/tmp/meshpar-bench-smoke" if args.smoke else "bench/results"))
-        out.mkdir(parents=True, exist_ok=True)
+        out = results_dir(args.out)
         f = out / f"gpt-{'smoke-' if args.smoke else ''}{world}gpu-{int(time.time())}.json"
         f.write_text(json.dumps(info, indent=1))
         print(f"wrote {f}")

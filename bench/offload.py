@@ -27,7 +27,6 @@ a timeout, so an out-of-memory run does not stop the others. JSON goes to ``benc
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -46,6 +45,8 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from common import base_parser, results_dir  # noqa: E402
 import meshpar.memory as mm  # noqa: E402
 
 PEAK_BF16 = 989e12       # H100 SXM dense bf16 FLOP/s
@@ -459,7 +460,7 @@ def summary(results: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = base_parser(__doc__, smoke_help="CPU: tiny GPT on a simulated device budget")
     ap.add_argument("--run", choices=["meshpar", "fsdp2", "torch", "check"], help="one run in this process")
     ap.add_argument("--no-check", action="store_true", help="skip the GPU correctness check before timing")
     ap.add_argument("--size", default="2.78b", choices=sorted(SIZES))
@@ -473,11 +474,10 @@ def main() -> None:
     ap.add_argument("--memory", default="auto", choices=["auto", "host", "device"])
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--timeout", type=float, default=480.0, help="seconds per size/mode subprocess")
-    ap.add_argument("--smoke", action="store_true", help="CPU: tiny GPT on a simulated device budget")
     ap.add_argument("--alloc-conf", default="expandable_segments:True",
                     help="PYTORCH_CUDA_ALLOC_CONF for the meshpar runs when the environment sets none ('' for none)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = ap.parse_args()
+    args.out = str(results_dir(args.out))
     args.vocab = 128 if args.smoke else VOCAB
     if args.smoke:
         args.seq, args.batch, args.warmup, args.iters = min(args.seq, 32), min(args.batch, 4), 1, 2
