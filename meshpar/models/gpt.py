@@ -1,6 +1,7 @@
 """meshpar's GPT: a plain nanoGPT-like ``nn.Module`` that knows nothing of parallelism.
 
-It imports only torch (and, lazily, the chunked loss head of :mod:`meshpar.ops.fused_loss`). Tensor and sequence parallelism are applied from outside::
+It imports only torch (and, lazily, the chunked loss head of :mod:`meshpar.ops.fused_loss`). Tensor and
+sequence parallelism are applied from outside::
 
     model = GPT(cfg)
     mp.parallelize(model, mesh, parallel_plan("gpt", "2d", data=("data",)))

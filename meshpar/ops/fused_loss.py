@@ -41,6 +41,7 @@ import torch
 from ..errors import ShardingError
 from ..mesh import Mesh
 from ..mesh import collectives as C
+from ..sharding.spec import P, base_axis
 from ..sharding.tensor import ShardedTensor
 
 log = logging.getLogger(__name__)
@@ -239,7 +240,6 @@ def sharded_fused_linear_cross_entropy(x, weight, targets, *, ignore_index: int 
     (deferred on a data axis the parameter defers, as for any data-parallel weight).
     """
     from ..sharding.core import enter, local_in, wrap
-    from ..sharding.spec import P
 
     if not isinstance(x, ShardedTensor):
         raise ShardingError("sharded_fused_linear_cross_entropy: x must be a ShardedTensor")
@@ -258,7 +258,6 @@ def sharded_fused_linear_cross_entropy(x, weight, targets, *, ignore_index: int 
     lead = tuple(x.spec.axes_of(d) for d in range(nd - 1))
     batch_axes = tuple(a for ax in lead for a in ax)
     vocab_axes = tuple(wspec.axes_of(0))
-    from ..sharding.spec import base_axis
     if {base_axis(a) for a in vocab_axes} & {base_axis(a) for a in batch_axes}:
         raise ShardingError("sharded_fused_linear_cross_entropy: vocab and token axes overlap")
     if tuple(targets.shape) != tuple(x.shape[:-1]):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ShardingError
-from ..sharding.dispatch import FAST, FAST_GRAD, describe, register, signature
+from ..sharding.dispatch import describe, register, signature
 from ..sharding.tensor import ShardedTensor
 from ._util import common_mesh, gshape
 from .contract import plan_local, reduce_extra_unreduced, run_local
@@ -82,12 +82,9 @@ def sharded_matmul(a, b, fast_key=None):
     la, lb, lo = matmul_labels(len(gshape(a)), len(gshape(b)))
     plan = plan_local([a, b], [la, lb], lo)
     if plan is not None:
-        if fast_key is not None and not any(
-                isinstance(x, ShardedTensor) and x.spec.unreduced for x in (a, b)) and len(sts) == 2:
-            from .pointwise import blockwise_executor, grad_executor
-            make = grad_executor if torch.is_grad_enabled() else blockwise_executor
-            (FAST_GRAD if torch.is_grad_enabled() else FAST).remember(
-                fast_key, make(torch.matmul, plan.operand_plans, plan.out_spec, plan.out_shape, mesh))
+        if len(sts) == 2 and not any(x.spec.unreduced for x in sts):
+            from .pointwise import remember_blockwise
+            remember_blockwise(fast_key, torch.matmul, plan.operand_plans, plan.out_spec, plan.out_shape, mesh)
         return run_local(torch.matmul, [a, b], [la, lb], lo, mesh, plan)
     if isinstance(a, ShardedTensor) and isinstance(b, ShardedTensor):
         for algo in ALGORITHMS:
@@ -126,11 +123,9 @@ def _linear(func, args, kwargs):
         if plan is not None and not plan.out_spec.unreduced:
             mesh = common_mesh([o for o in operands if isinstance(o, ShardedTensor)])
             key = signature(func, tuple(operands), {}) if all(isinstance(o, ShardedTensor) for o in operands) else None
-            if key is not None and not kwargs:
-                from .pointwise import blockwise_executor, grad_executor
-                make = grad_executor if torch.is_grad_enabled() else blockwise_executor
-                (FAST_GRAD if torch.is_grad_enabled() else FAST).remember(
-                    key, make(F.linear, plan.operand_plans, plan.out_spec, plan.out_shape, mesh))
+            if not kwargs:
+                from .pointwise import remember_blockwise
+                remember_blockwise(key, F.linear, plan.operand_plans, plan.out_spec, plan.out_shape, mesh)
             return run_local(F.linear, operands, labels, batch + "n", mesh, plan)
     y = sharded_matmul(x, w.transpose(0, 1) if w.ndim == 2 else w)
     return y + b if b is not None else y

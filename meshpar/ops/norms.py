@@ -99,6 +99,12 @@ def _param_local(p, x: ShardedTensor, name: str, axes: tuple[str, ...]):
     return enter(p, vary)
 
 
+def _whole_hidden(x: ShardedTensor, axes: tuple[str, ...], n: int) -> bool:
+    """Every rank holds the whole unpadded hidden dim (replicated, or split over size-1 axes): torch's fused
+    norm kernel on the block computes exactly what the decomposed statistics would."""
+    return (not axes or x.mesh.size(axes) == 1) and n == x.shape[-1]
+
+
 def _prepare(x: ShardedTensor, what: str, true_size: int | None):
     axes = x.spec.axes_of(x.ndim - 1)
     n = x.shape[-1]
@@ -131,7 +137,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
     x, axes, n, off = _prepare(x, "layer_norm", true_size)
     w = _param_local(weight, x, "weight", axes)
     b = _param_local(bias, x, "bias", axes)
-    if (not axes or x.mesh.size(axes) == 1) and n == x.shape[-1]:  # the hidden dim whole on every rank: torch's fused kernel
+    if _whole_hidden(x, axes, n):
         y = F.layer_norm(enter(x), (n,), w, b, eps)
     else:
         y = layer_norm_local(enter(x), w, b, eps, n, x.mesh, axes, off)
@@ -146,7 +152,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
         return rms_norm_local(x, weight, eps, n)
     x, axes, n, off = _prepare(x, "rms_norm", true_size)
     w = _param_local(weight, x, "weight", axes)
-    if (not axes or x.mesh.size(axes) == 1) and n == x.shape[-1]:  # the hidden dim whole on every rank: torch's fused kernel
+    if _whole_hidden(x, axes, n):
         y = F.rms_norm(enter(x), (n,), w, eps)
     else:
         y = rms_norm_local(enter(x), w, eps, n, x.mesh, axes, off)

@@ -149,6 +149,17 @@ def blockwise_executor(func, plans, out_spec: P, out_shape, mesh):
     return run
 
 
+def remember_blockwise(key, func, plans, out_spec: P, out_shape, mesh) -> None:
+    """Memoise a planned blockwise call under ``key`` in the current grad mode's table: the no-autograd
+    executor, or the grad-mode one (operands entered per their plans, one wrap node)."""
+    if key is None:
+        return
+    if torch.is_grad_enabled():
+        FAST_GRAD.remember(key, grad_executor(func, plans, out_spec, out_shape, mesh))
+    else:
+        FAST.remember(key, blockwise_executor(func, plans, out_spec, out_shape, mesh))
+
+
 def _same_layout(metas) -> bool:
     """Every tensor operand a ShardedTensor of one spec and one global shape (scalars aside)."""
     ts = [m for m in metas if m is not None]
