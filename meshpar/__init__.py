@@ -6,7 +6,7 @@
 from .errors import ShardingError, CollectiveTimeout
 from .mesh import Mesh, CommCounter, current_mesh
 from . import mesh
-from .sharding import P, Zigzag, ShardedTensor, shard, from_local, unshard, reshard, shard_map
+from .sharding import P, Zigzag, ShardedTensor, shard, from_local, unshard, reshard, shard_map, tracked
 from .sharding.collectives_by_name import (psum, pmean, pmax, pmin, pvary, all_gather, psum_scatter, all_to_all,
                                            ppermute, axis_index, axis_size)
 from .sharding.semantics import strict, debug_checks
@@ -14,7 +14,7 @@ from .sharding.generic import manual_seed
 from . import ops  # registers the op rules
 
 __all__ = ["ShardingError", "CollectiveTimeout", "Mesh", "CommCounter", "current_mesh", "mesh",
-           "P", "Zigzag", "ShardedTensor", "shard", "from_local", "unshard", "reshard", "shard_map", "ops",
+           "P", "Zigzag", "ShardedTensor", "shard", "from_local", "unshard", "reshard", "shard_map", "tracked", "ops",
            "psum", "pmean", "pmax", "pmin", "pvary", "all_gather", "psum_scatter", "all_to_all", "ppermute",
            "axis_index", "axis_size", "strict", "debug_checks", "manual_seed"]
 

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from ..errors import ShardingError
 import functools
 
-from ..sharding.core import _Wrap, apply_plan, local_in, meta, operand_plan, reduce_unreduced, wrap
+from ..sharding.core import apply_plan, enter, make_block_graph, local_in, meta, operand_plan, reduce_unreduced, wrap
 from ..sharding.dispatch import FAST, FAST_GRAD, register, signature
 from ..sharding.semantics import desc, float_cast, keep_partial
 from ..sharding.spec import P, base_axis
-from ..sharding.tensor import ShardedTensor, blockwise_exec, layout, new_sharded
-from ._util import common_mesh, gshape
+from ..sharding.tensor import ShardedTensor, blockwise_exec, layout, new_block_graph, new_sharded
+from ._util import common_mesh
 
 T = torch.Tensor
 
@@ -160,37 +160,17 @@ def remember_blockwise(key, func, plans, out_spec: P, out_shape, mesh) -> None:
         FAST.remember(key, blockwise_executor(func, plans, out_spec, out_shape, mesh))
 
 
-def _same_layout(metas) -> bool:
-    """Every tensor operand a ShardedTensor of one spec and one global shape (scalars aside)."""
-    ts = [m for m in metas if m is not None]
-    return bool(ts) and all(m[0] == "S" and m[1] == ts[0][1] and m[2] == ts[0][2] for m in ts)
-
-
-# calls that keep their __torch_function__ rule under autograd (their aten forms differ in semantics or cost)
-_RULE_ONLY = frozenset({T.detach, torch.detach, T.cpu, T.cuda, T.to, T.type, T.pin_memory})
-
-
-def _via_aten_exec(func):
-    def run(args, kw):
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kw) if kw else func(*args)
-    return run
-
-
 def grad_executor(func, plans, out_spec: P, out_shape, mesh):
     """The grad-mode executor of a planned blockwise call (no keywords, no reduction): operands enter
     autograd per their plans (free slices, gradient sums over broadcast axes), ``func`` runs on the
-    blocks, and the result is wrapped with one autograd node (none when nothing requires grad)."""
+    blocks, and the result is a block-graph result (no autograd node of its own)."""
     lay = layout(out_spec, out_shape, mesh)
     spec, shape = lay.spec, lay.shape
 
     def run(args, kw):
         out = func(*[a if p is None else apply_plan(a, p, mesh) for a, p in zip(args, plans)])
         if out.requires_grad and torch.is_grad_enabled():
-            w = _Wrap.apply(out, spec, mesh, shape)
-            w._lg = out
-            w._lgv = w.grad_fn
-            return w
+            return new_block_graph(out, lay)
         return new_sharded(out, lay)
     return run
 
@@ -208,12 +188,6 @@ def elementwise(func, args: tuple, kwargs: dict, *, linear: str = "no"):
     if not any(reduce) and not kwargs:
         if not torch.is_grad_enabled():
             FAST.remember(signature(func, args, kwargs), blockwise_executor(func, plans, out_spec, out_shape, mesh))
-        elif _same_layout(metas) and func not in _RULE_ONLY:
-            # same layout, no broadcasting: the op runs below autograd (a C++ autograd node, the blocks
-            # through __torch_dispatch__), as do its backward's pointwise ops
-            ex = _via_aten_exec(func)
-            FAST_GRAD.remember(signature(func, args, kwargs), ex)
-            return ex(args, kwargs)
         else:
             FAST_GRAD.remember(signature(func, args, kwargs), grad_executor(func, plans, out_spec, out_shape, mesh))
     locs = []
@@ -327,6 +301,12 @@ def _inplace(func, args, kwargs):
     fallback (which writes the new value back in ``target``'s layout)."""
     target = args[0]
     if func is T.requires_grad_:
+        if isinstance(target, ShardedTensor) and target._bg:  # a computed result: torch's rule for non-leaves
+            if not (args[1] if len(args) > 1 else kwargs.get("requires_grad", True)):
+                raise RuntimeError("you can only change requires_grad flags of leaf variables. If you want to use a "
+                                   "computed variable in a subgraph that doesn't require differentiation use "
+                                   "var_no_grad = var.detach().")
+            return target
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
         if isinstance(target, ShardedTensor) and target.requires_grad and target.is_leaf:
@@ -334,15 +314,18 @@ def _inplace(func, args, kwargs):
         return out
     if not isinstance(target, ShardedTensor):
         return NotImplemented
-    if torch.is_grad_enabled() and (target.requires_grad or any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in list(args[1:]) + list(kwargs.values()))):
-        return NotImplemented  # autograd records it at the aten level
+    grad = torch.is_grad_enabled() and (target.requires_grad or any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in list(args[1:]) + list(kwargs.values())))
+    if grad and target.requires_grad and not target._bg:
+        # a leaf (torch refuses the write) or a wrapper carrying its own graph: autograd records it at the aten level
+        return NotImplemented
+    # a block-graph result, or a tensor without a graph: the write runs on the block, recorded there
     others = [a for a in list(args[1:]) + list(kwargs.values()) if isinstance(a, (torch.Tensor, int, float, bool))]
     if func is T.copy_:
         src = args[1]
         if isinstance(src, ShardedTensor) and src.spec == target.spec and src._gshape == target._gshape:
-            target._local.copy_(src._local)
-            return target
+            (target._lg if target._bg else target._local).copy_(enter(src) if grad else src._local)
+            return _joined_graph(target) if grad else target
         return NotImplemented
     if not _local_inplace_ok(func, target, others, kwargs):
         return NotImplemented
@@ -355,10 +338,35 @@ def _inplace(func, args, kwargs):
                 if a.mesh != mesh:
                     raise ShardingError(f"in-place {func.__name__}: operands live on different meshes")
                 operand_plan(meta(a), out_spec, nd)
+                if _split_where_target_is_not(a, out_spec, nd):
+                    return NotImplemented
     except ShardingError:
         return NotImplemented  # layouts differ: the aten fallback reshards
-    lo = [local_in(a, out_spec, nd, mesh) if isinstance(a, ShardedTensor) else
-          (local_in(a, out_spec, nd, mesh) if isinstance(a, torch.Tensor) and a.ndim else a) for a in args[1:]]
-    kw = {k: (local_in(v, out_spec, nd, mesh) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-    func(target._local, *lo, **kw)
+    # per-rank results differ over the target's split and unreduced axes: operands replicated over those
+    # get their gradients summed over them
+    used = target.spec.used_axes()
+    lo = [local_in(a, out_spec, nd, mesh, used) if isinstance(a, torch.Tensor) else a for a in args[1:]]
+    kw = {k: (local_in(v, out_spec, nd, mesh, used) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    func(target._lg if target._bg else target._local, *lo, **kw)
+    return _joined_graph(target) if grad else target
+
+
+def _split_where_target_is_not(a: ShardedTensor, out_spec: P, nd: int) -> bool:
+    """Whether operand ``a`` is split on a (non-broadcast) dim over axes the in-place target's dim is not
+    split over: its block then holds only part of what each target block needs (the fallback gathers it).
+    Found by the in-place property test: ``P()``-target ``add_(P("x")-operand)`` broadcast each rank's
+    half of the operand over the whole target block."""
+    off = nd - len(a._gshape)
+    for d in range(len(a._gshape)):
+        xax = a.spec.axes_of(d)
+        if xax and a._gshape[d] != 1 and (off + d < 0 or out_spec.axes_of(off + d)[:len(xax)] != xax):
+            return True
+    return False
+
+
+def _joined_graph(target: ShardedTensor) -> ShardedTensor:
+    """After an in-place write under autograd into ``target``'s block: a target without a graph whose block
+    now carries one (it was written from operands that require grad) becomes a block-graph result."""
+    if not target._bg and target._local.requires_grad:
+        make_block_graph(target)
     return target

@@ -24,8 +24,10 @@ import torch
 from ..mesh import Mesh, collectives as C
 from .semantics import check_output, implicit
 from .spec import P, base_axis, is_zigzag
-from .tensor import ShardedTensor
+from .tensor import ShardedTensor, grad_sentinel, layout, new_block_graph
 from .views import refresh
+
+_DisableTF = torch._C.DisableTorchFunctionSubclass
 
 
 class _Enter(torch.autograd.Function):
@@ -72,49 +74,96 @@ def grad_block(g, spec: P, mesh: Mesh, shape) -> torch.Tensor:
 def enter(x: ShardedTensor, vary: Iterable[str] = ()) -> torch.Tensor:
     """``x``'s block as a plain tensor in the autograd graph; backward sums its gradient over ``vary``.
 
-    At most one autograd node per op: a result of :func:`wrap` keeps its graph-connected block
-    (``_lg``), which the next op uses directly (no node) while the wrapper's ``grad_fn`` is still the
+    No autograd node for a block-graph result of :func:`wrap` (its block is in the graph: the block
+    itself, or a ``pvary`` of it over ``vary``). At most one node per op otherwise: a graph-connected
+    wrapper made by :func:`materialize` keeps its graph-connected block (``_lg``), which the next op uses directly (no node) while the wrapper's ``grad_fn`` is still the
     one ``wrap`` made (an in-place op replaces it), its storage is the same, and nobody
     watches the wrapper's own gradient (hooks, ``retain_grad``); a leaf keeps its entered block per
     ``vary`` (the node saves no tensors, so it serves every forward) until its block is updated in place.
     """
     if x._view is not None:  # a detached view (.views): bring its block up to date with its base first
         refresh(x)
-    if not torch.is_grad_enabled() or not x.requires_grad:
+    if x._bg:  # a block-graph result: its block is in the graph already
+        if vary and torch.is_grad_enabled():
+            mesh = x.mesh
+            vary = tuple(a for a in vary if mesh.size(a) > 1)
+            if vary:
+                from ..mesh.autograd import pvary
+                return pvary(x._lg, mesh, vary)
+        return x._lg
+    if not torch.is_grad_enabled():
         return x._local
-    mesh = x.mesh
-    vary = tuple(a for a in vary if mesh.size(a) > 1)
-    loc = x._local
-    if not vary:
-        lg = x._lg
-        if lg is not None and x.grad_fn is x._lgv and loc.data_ptr() == lg.data_ptr() \
-                and not x._backward_hooks and not x.retains_grad:
-            return lg
-    if x.grad_fn is None:  # a leaf
-        ent = x._ent
-        defer = getattr(x, "_meshpar_defer_reduce", ())
-        # the entered block is a view of ``_local``: an in-place update (an optimizer step) invalidates it
-        key = (vary, tuple(defer or ()), loc.data_ptr(), loc._version, loc.numel(), loc.dtype, loc.device)
-        if ent is not None and ent[0] == key:
-            return ent[1]
-        with torch._C.DisableTorchFunctionSubclass():
+    with _DisableTF():  # the autograd attributes as torch keeps them, without a trip through __torch_function__
+        if not x.requires_grad:
+            return x._local
+        if vary:
+            mesh = x.mesh
+            vary = tuple(a for a in vary if mesh.size(a) > 1)
+        else:
+            vary = ()
+        loc = x._local
+        gf = x.grad_fn
+        if not vary:
+            lg = x._lg
+            if lg is not None and gf is x._lgv and loc.data_ptr() == lg.data_ptr() \
+                    and not x._backward_hooks and not x.retains_grad:
+                return lg
+        if gf is None:  # a leaf
+            # the entered block is a view of ``_local``: an in-place update (an optimizer step) bumps its
+            # version and invalidates it, as does a new block object
+            ent = x._ent
+            defer = getattr(x, "_meshpar_defer_reduce", None)
+            if ent is not None and ent[0] is loc and ent[1] == loc._version and ent[2] == vary and ent[3] == defer:
+                return ent[4]
             out = _Enter.apply(x, vary)
-        x._ent = (key, out)
-        return out
-    with torch._C.DisableTorchFunctionSubclass():
+            x._ent = (loc, loc._version, vary, defer, out)
+            return out
         return _Enter.apply(x, vary)
 
 
 def wrap(local: torch.Tensor, spec: P, mesh: Mesh, shape: Sequence[int]) -> ShardedTensor:
-    """A ShardedTensor around ``local`` (this rank's block), connected to ``local``'s autograd graph."""
+    """A ShardedTensor around ``local`` (this rank's block), connected to ``local``'s autograd graph
+    (a block-graph result, :func:`meshpar.sharding.tensor.new_block_graph`, when ``local`` requires grad)."""
     shape = tuple(int(s) for s in shape)
     check_output(local, spec, mesh, shape)
     if torch.is_grad_enabled() and local.requires_grad:
-        out = _Wrap.apply(local, spec, mesh, shape)
-        out._lg = local
-        out._lgv = out.grad_fn  # an in-place op recorded on the wrapper replaces it: _lg is then stale
-        return out
+        return new_block_graph(local, layout(spec, shape, mesh))
     return ShardedTensor(local, spec, mesh, shape)
+
+
+def materialize(x: ShardedTensor, clone: bool = False) -> ShardedTensor:
+    """``x`` as a wrapper that carries the autograd graph itself (one ``_Wrap`` node on its block), for
+    code that records autograd on the wrapper: the exact aten fallback, ``torch.autograd.Function``.
+    A block-graph result becomes such a wrapper; any other tensor is returned as it is. ``clone``
+    gives the wrapper a copy of the block (for an in-place op that must not write ``x`` yet)."""
+    if not x._bg or not torch.is_grad_enabled():
+        return x
+    loc = x._lg.clone() if clone else x._lg
+    out = _Wrap.apply(loc, x.spec, x.mesh, tuple(x._gshape))
+    out._lg = loc
+    out._lgv = out.grad_fn  # an in-place op recorded on the wrapper replaces it: _lg is then stale
+    return out
+
+
+def make_block_graph(x: ShardedTensor) -> None:
+    """Turn ``x``, a wrapper without a graph whose block gained one (an in-place write from operands that
+    require grad), into a block-graph result, in place."""
+    with torch._C.DisableTorchFunctionSubclass():
+        x.requires_grad_(True)
+        x.grad = grad_sentinel(layout(x.spec, x._gshape, x.mesh), x.dtype, x.device)
+    x._lg = x._local
+    x._local = x._lg.detach()
+    x._bg = True
+
+
+def tracked(x):
+    """``x`` (a ShardedTensor) as a tensor whose autograd graph is recorded on the wrapper itself.
+
+    Under autograd, meshpar keeps each result's graph on its block (no autograd node per op). Code that
+    meshpar's dispatcher does not see, ``torch.autograd.Function.apply`` and reentrant checkpointing,
+    records autograd on the tensors it is given; pass it ``meshpar.tracked(x)``. Without it, the
+    backward raises instead of losing the gradient. Anything else is returned unchanged."""
+    return materialize(x) if isinstance(x, ShardedTensor) else x
 
 
 class _SliceBlock(torch.autograd.Function):

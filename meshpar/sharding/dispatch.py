@@ -14,12 +14,14 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import ShardingError
 from ..mesh.collectives import _CURRENT_OP as _OP
 from . import views as _views
 from .semantics import USER_OP, is_strict
 from .spec import is_zigzag
+from .core import enter, materialize
 from .tensor import _FAST, _FAST_GRAD, Layout, ShardedTensor, fast_key, layout, local_fn_exec, same_call_exec
 
 Rule = Callable[[Callable, tuple, dict], Any]
@@ -162,14 +164,77 @@ def _route(func: Callable, args: tuple, kwargs: dict):
 
 def _via_aten(func, args, kwargs, refusal: ShardingError | None):
     """Run the call with the subclass disabled (its aten ops reach the exact fallback). When a rule
-    refused the call first and the fallback fails too, the rule's refusal is what the user sees."""
+    refused the call first and the fallback fails too, the rule's refusal is what the user sees.
+
+    Under autograd the aten ops record their nodes on the wrappers, so block-graph operands enter as
+    graph-connected wrappers (:func:`.core.materialize`); an in-place op on a block-graph result runs on
+    such a copy of it, whose new value is then copied into the result's block (recorded there)."""
+    target = None
+    x0 = args[0] if args else None
+    if type(x0) is ShardedTensor and x0._bg and getattr(func, "__name__", "") in _INPLACE_VIEWS:
+        return _inplace_view(func, args, kwargs)
+    if torch.is_grad_enabled():
+        args, kwargs, target = _graph_operands(func, args, kwargs)
     with torch._C.DisableTorchFunctionSubclass():
         if refusal is None:
-            return func(*args, **kwargs)
-        try:
-            return func(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            raise refusal from e
+            out = func(*args, **kwargs)
+        else:
+            try:
+                out = func(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                raise refusal from e
+    if target is None:
+        return out
+    x, m = target
+    x._lg.copy_(enter(m))
+    return x if out is m else out
+
+
+_INPLACE_VIEWS = frozenset({"unsqueeze_", "squeeze_", "transpose_", "t_", "swapdims_", "swapaxes_"})
+
+
+def _inplace_view(func, args, kwargs):
+    """An in-place view op on a block-graph result: the wrapper's metadata and detached block change at the
+    aten level (no autograd there), and the graph-connected block becomes the same view of itself."""
+    x = args[0]
+    lg = x._lg
+    with torch.no_grad(), torch._C.DisableTorchFunctionSubclass():
+        func(*args, **kwargs)
+    with torch.enable_grad():
+        x._lg = getattr(torch.Tensor, func.__name__[:-1])(lg, *args[1:], **kwargs)
+    return x
+
+
+_NOT_INPLACE_DUNDERS = frozenset({"__init__", "__iter__", "__index__", "__int__", "__invert__", "__instancecheck__"})
+
+
+def writes_first_operand(func) -> bool:
+    """Whether ``func`` is an in-place op on its first argument (``add_``, ``__iadd__``, ``__setitem__``)."""
+    name = getattr(func, "__name__", "")
+    if name.endswith("__"):
+        return name == "__setitem__" or (name.startswith("__i") and name not in _NOT_INPLACE_DUNDERS)
+    return name.endswith("_") and not name.startswith("_")
+
+
+def _graph_operands(func, args, kwargs):
+    """``(args, kwargs, target)`` with every block-graph ShardedTensor operand replaced by a graph-connected
+    wrapper; ``target`` is ``(x, copy)`` when ``func`` writes a block-graph ``x`` in place (else None).
+    An ``out=`` tensor is left as it is (torch refuses ``out=`` under autograd itself)."""
+    flat, tree = tree_flatten((args, kwargs))
+    if not any(type(a) is ShardedTensor and a._bg for a in flat):
+        return args, kwargs, None
+    out_kw = kwargs.get("out")
+    x0 = args[0] if args else None
+    target = None
+    if type(x0) is ShardedTensor and x0._bg and writes_first_operand(func):
+        target = (x0, materialize(x0, clone=True))
+    new = []
+    for a in flat:
+        if type(a) is ShardedTensor and a._bg and a is not out_kw:
+            a = target[1] if target is not None and a is target[0] else materialize(a)
+        new.append(a)
+    args, kwargs = tree_unflatten(new, tree)
+    return args, kwargs, target
 
 
 def remember(func: Callable, args: tuple, kwargs: dict, executor: Callable) -> None:

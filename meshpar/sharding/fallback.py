@@ -205,7 +205,9 @@ def _inplace_view(func, args, kwargs) -> ShardedTensor:
     spec = P.from_axes(axes, unreduced=x.spec.unreduced)
     check_output(local, spec, x.mesh, tuple(x.shape))
     x._local, x.spec, x._gshape, x._lay = local, spec, torch.Size(x.shape), None
-    x._lg = x._ent = None
+    x._ent = None
+    if not x._bg:  # a block-graph result's graph-connected block is redone by meshpar.sharding.dispatch
+        x._lg = None
     if x._view is not None:  # a detached view: its value is now one more view step away from its root
         views.extend(x, redo)
     return x

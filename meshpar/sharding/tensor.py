@@ -57,7 +57,7 @@ class Layout:
     global shape as a plain tuple for ``_make_wrapper_subclass``.
     """
 
-    __slots__ = ("spec", "mesh", "gshape", "shape", "detached")
+    __slots__ = ("spec", "mesh", "gshape", "shape", "detached", "sentinels")
 
     def __init__(self, spec: P, mesh: Mesh, gshape: torch.Size, detached: bool = False):
         self.spec = spec
@@ -67,6 +67,7 @@ class Layout:
         # True for the private, uninterned layout of a detached view (see meshpar.sharding.views): no memo
         # entry is ever stored under it, so calls on such a tensor always take the slow, coherent path
         self.detached = detached
+        self.sentinels = None  # (dtype, device) -> the gradient sentinel of block-graph results (new_block_graph)
 
     def __repr__(self) -> str:
         return f"Layout({self.spec}, {tuple(self.gshape)}, {self.mesh})"
@@ -115,6 +116,76 @@ def new_sharded(local: torch.Tensor, lay: Layout) -> "ShardedTensor":
     r.spec = lay.spec
     r.mesh = lay.mesh
     r._gshape = lay.gshape
+    if local.is_conj() or local.is_neg():
+        mirror_math_bits(r, local)
+    return r
+
+
+# ---------------------------------------------------------------------------- block-graph results
+# Under autograd an op's result keeps its autograd graph on its *block*: ``_lg`` is the
+# graph-connected block (``_local`` is, as always, the same block detached), and the wrapper records
+# no node at all (``_bg`` True). The next op
+# uses the block directly, so an op costs one C++ autograd node on the block (the local op's own),
+# and the backward runs entirely in C++ on the blocks. The wrapper reports ``requires_grad``,
+# ``grad_fn`` (its block's) and ``is_leaf`` (False) like the dense result would; ``backward``,
+# ``torch.autograd.backward/grad``, ``register_hook`` and ``retain_grad`` are routed to the block
+# (:mod:`meshpar.sharding.grad_api`); the exact aten fallback gets a graph-connected wrapper
+# (:func:`meshpar.sharding.core.materialize`).
+#
+# Code meshpar cannot see (``torch.autograd.Function.apply``, which bypasses ``__torch_function__``;
+# ``torch.utils.checkpoint(use_reentrant=True)``) would record an edge to the wrapper itself. So that
+# such a gradient is never lost silently, the wrapper is a leaf that requires grad and whose ``.grad``
+# holds a *sentinel*: the autograd engine accumulating into it raises the error below.
+
+_BLOCK_GRAPH_USE = (
+    "a ShardedTensor computed under autograd was passed to code that meshpar's dispatcher does not see "
+    "(a torch.autograd.Function.apply, or torch.utils.checkpoint with use_reentrant=True): its gradient would "
+    "be lost. Pass meshpar.tracked(x) to such code (a graph-connected copy of x), or use "
+    "torch.utils.checkpoint(..., use_reentrant=False) (Hugging Face: gradient_checkpointing_enable("
+    "gradient_checkpointing_kwargs={'use_reentrant': False})).")
+
+
+class _SentinelLink:
+    """The ``_view`` of a gradient sentinel: every op that meets it (through :mod:`.views`' guard, which
+    both dispatch levels run) raises instead of computing."""
+
+    __slots__ = ()
+    root = None
+    steps = ()
+
+    def stale(self) -> bool:
+        from ..errors import ShardingError
+        raise ShardingError(_BLOCK_GRAPH_USE)
+
+
+_SENTINEL_LINK = _SentinelLink()
+
+
+def grad_sentinel(lay: Layout, dtype: torch.dtype, device: torch.device) -> "ShardedTensor":
+    """The (shared, per layout, dtype and device) ``.grad`` sentinel of block-graph results laid out as ``lay``."""
+    table = lay.sentinels
+    if table is None:
+        table = lay.sentinels = {}
+    key = (dtype, device)
+    s = table.get(key)
+    if s is None:
+        s = _mws(ShardedTensor, lay.shape, None, None, None, dtype, _STRIDED, device)
+        s._local = torch.empty(0, dtype=dtype, device=device)
+        s.spec, s.mesh, s._gshape = lay.spec, lay.mesh, lay.gshape
+        s._lay = Layout(lay.spec, lay.mesh, lay.gshape, detached=True)  # never memoised under
+        s._view = _SENTINEL_LINK
+        table[key] = s
+    return s
+
+
+def new_block_graph(local: torch.Tensor, lay: Layout) -> "ShardedTensor":
+    """A ShardedTensor around ``local``, a block that carries the autograd graph (see above)."""
+    r = _mws(ShardedTensor, lay.shape, None, None, None, local.dtype, _STRIDED, local.device, False, True)
+    r._local, r._lay, r.spec, r.mesh, r._gshape = local.detach(), lay, lay.spec, lay.mesh, lay.gshape
+    r._lg = local
+    r._bg = True
+    with _DisableTF():
+        r.grad = grad_sentinel(lay, local.dtype, local.device)
     if local.is_conj() or local.is_neg():
         mirror_math_bits(r, local)
     return r
@@ -293,10 +364,11 @@ class ShardedTensor(torch.Tensor):
     # slots: attribute stores and loads on the hot path cost a third of instance-dict ones
     __slots__ = ("_local", "spec", "mesh", "_gshape", "_lay")
     # autograd helpers of meshpar.sharding.core.enter (instance values only where set)
-    _lg = None    # the graph-connected block of an op result (wrap)
+    _lg = None    # the graph-connected block of a block-graph result, or of a materialized wrapper
     _lgv = None   # the wrapper's grad_fn when _lg was recorded
     _ent = None   # a leaf's entered block: (key, tensor)
     _view = None  # a detached view's link to its base (meshpar.sharding.views.ViewLink)
+    _bg = False   # a block-graph result: the autograd graph lives on ``_lg`` (new_block_graph)
 
     @staticmethod
     def __new__(cls, local: torch.Tensor, spec: P, mesh: Mesh, shape: Sequence[int], requires_grad: bool = False):
@@ -317,6 +389,8 @@ class ShardedTensor(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if func in _GETTERS:  # autograd bookkeeping attributes: no layout involved
+            if args[0]._bg and func in _BG_GETTERS:
+                return _BG_GETTERS[func](args[0])
             with _DisableTF():
                 return func(*args)
         # fast path: a memoised executor for exactly this (op, layouts, arguments), one table per grad mode
@@ -370,6 +444,14 @@ _GETTERS = frozenset(getattr(_T, n).__get__ for n in (
     "requires_grad", "grad_fn", "is_leaf", "retains_grad", "_backward_hooks", "grad", "dtype", "device",
     "_version", "is_cuda", "layout", "_base", "shape", "ndim") if hasattr(_T, n))
 _DisableTF = torch._C.DisableTorchFunctionSubclass
+# what a block-graph result reports for its autograd attributes (the dense result's answers)
+_BG_GETTERS = {
+    _T.grad_fn.__get__: lambda x: x._lg.grad_fn,
+    _T.is_leaf.__get__: lambda x: False,
+    _T.grad.__get__: lambda x: x.__dict__.get("_retained"),
+    _T.retains_grad.__get__: lambda x: "_retained" in x.__dict__,
+    _T._backward_hooks.__get__: lambda x: None,
+}
 
 # filled by meshpar.sharding.dispatch at import (breaks the import cycle tensor <-> dispatch)
 _HANDLER: list = [None]
