@@ -239,3 +239,24 @@ def _roots_case(mesh, spec):
 @pytest.mark.parametrize("spec", [P("x"), P(mp.Zigzag("x")), P(unreduced=("x",))], ids=["split", "zigzag", "partial"])
 def test_scalar_and_partial_roots(pool, spec):
     assert all(pool.run(_roots_case, (2,), ("x",), spec))
+
+
+def _inplace_split_operand_case(mesh):
+    """A replicated target written in place from a split operand: each rank needs the whole operand (the
+    exact fallback gathers it); the blockwise path once broadcast each rank's half over the target."""
+    A = torch.tensor([1.5, -0.25], dtype=torch.float64)  # blocks of one element: they broadcast silently
+    B = torch.tensor([2.0, 0.75], dtype=torch.float64)
+    bad = []
+    for grad in (False, True):
+        a, b = mp.shard(A.clone(), P(), mesh), mp.shard(B.clone(), P("x"), mesh)
+        if grad:
+            a = a.requires_grad_() * 1.0
+        a.add_(b)
+        if not _close(a.detach() if grad else a, A + B):
+            bad.append(f"grad={grad}: {mp.unshard(a).tolist()} != {(A + B).tolist()}")
+    return bad
+
+
+def test_inplace_replicated_target_split_operand(pool):
+    for bad in pool.run(_inplace_split_operand_case, (2,), ("x",)):
+        assert not bad, bad
