@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..errors import ShardingError
 import functools
 
-from ..sharding.core import apply_plan, enter, make_block_graph, local_in, meta, operand_plan, reduce_unreduced, wrap
+from ..sharding.core import apply_plan, enter, grad_executor, make_block_graph, local_in, meta, operand_plan, reduce_unreduced, wrap
 from ..sharding.dispatch import FAST, FAST_GRAD, register, signature
 from ..sharding.semantics import desc, float_cast, keep_partial
 from ..sharding.spec import P, base_axis
@@ -160,21 +160,6 @@ def remember_blockwise(key, func, plans, out_spec: P, out_shape, mesh) -> None:
         FAST.remember(key, blockwise_executor(func, plans, out_spec, out_shape, mesh))
 
 
-def grad_executor(func, plans, out_spec: P, out_shape, mesh):
-    """The grad-mode executor of a planned blockwise call (no keywords, no reduction): operands enter
-    autograd per their plans (free slices, gradient sums over broadcast axes), ``func`` runs on the
-    blocks, and the result is a block-graph result (no autograd node of its own)."""
-    lay = layout(out_spec, out_shape, mesh)
-    spec, shape = lay.spec, lay.shape
-
-    def run(args, kw):
-        out = func(*[a if p is None else apply_plan(a, p, mesh) for a, p in zip(args, plans)])
-        if out.requires_grad and torch.is_grad_enabled():
-            return new_block_graph(out, lay)
-        return new_sharded(out, lay)
-    return run
-
-
 def elementwise(func, args: tuple, kwargs: dict, *, linear: str = "no"):
     """Run ``func`` blockwise. ``linear`` (the linearity table's kind, see :mod:`meshpar.sharding.semantics`):
     "add" (sum of operands), "scale" (linear in one operand), "linear" (one operand), "no"."""
@@ -309,8 +294,10 @@ def _inplace(func, args, kwargs):
             return target
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
-        if isinstance(target, ShardedTensor) and target.requires_grad and target.is_leaf:
-            keep_grad_layout(target)
+        if isinstance(target, ShardedTensor):
+            target._ent = None  # its entered block (core.enter) follows requires_grad
+            if target.requires_grad and target.is_leaf:
+                keep_grad_layout(target)
         return out
     if not isinstance(target, ShardedTensor):
         return NotImplemented

@@ -24,7 +24,7 @@ import torch
 from ..mesh import Mesh, collectives as C
 from .semantics import check_output, implicit
 from .spec import P, base_axis, is_zigzag
-from .tensor import ShardedTensor, grad_sentinel, layout, new_block_graph
+from .tensor import ShardedTensor, grad_sentinel, layout, new_block_graph, new_sharded
 from .views import refresh
 
 _DisableTF = torch._C.DisableTorchFunctionSubclass
@@ -93,6 +93,18 @@ def enter(x: ShardedTensor, vary: Iterable[str] = ()) -> torch.Tensor:
         return x._lg
     if not torch.is_grad_enabled():
         return x._local
+    # a leaf's entered blocks by vary: the entered block is a view of ``_local``, valid while the block object,
+    # its version (an in-place update, an optimizer step), its data (``.data =``, as ZeRO-3 regathers) and the
+    # gradient deferral are the same
+    ents = x._ent
+    if ents is not None:
+        ent = ents.get(vary)
+        if ent is not None:
+            loc = x._local
+            if ent[0] is loc and ent[1] == loc._version and ent[2] == loc.data_ptr() \
+                    and ent[3] == getattr(x, "_meshpar_defer_reduce", None):
+                return ent[4]
+    key_vary = vary
     with _DisableTF():  # the autograd attributes as torch keeps them, without a trip through __torch_function__
         if not x.requires_grad:
             return x._local
@@ -111,12 +123,10 @@ def enter(x: ShardedTensor, vary: Iterable[str] = ()) -> torch.Tensor:
         if gf is None:  # a leaf
             # the entered block is a view of ``_local``: an in-place update (an optimizer step) bumps its
             # version and invalidates it, as does a new block object
-            ent = x._ent
-            defer = getattr(x, "_meshpar_defer_reduce", None)
-            if ent is not None and ent[0] is loc and ent[1] == loc._version and ent[2] == vary and ent[3] == defer:
-                return ent[4]
             out = _Enter.apply(x, vary)
-            x._ent = (loc, loc._version, vary, defer, out)
+            if ents is None or len(ents) > 8:
+                ents = x._ent = {}
+            ents[key_vary] = (loc, loc._version, loc.data_ptr(), getattr(x, "_meshpar_defer_reduce", None), out)
             return out
         return _Enter.apply(x, vary)
 
@@ -282,3 +292,37 @@ def local_in(x, out_spec: P, out_ndim: int, mesh: Mesh, used: Iterable[str] | No
     if not isinstance(x, torch.Tensor):
         return x
     return apply_plan(x, operand_plan(meta(x), out_spec, out_ndim, None if used is None else frozenset(used)), mesh)
+
+
+def _block(a: ShardedTensor) -> torch.Tensor:
+    """A ShardedTensor operand's graph-connected block (no vary, no slices)."""
+    return a._lg if a._bg else enter(a)
+
+
+def grad_executor(func, plans, out_spec: P, out_shape, mesh: Mesh):
+    """The grad-mode memo executor ``run(args, kwargs)`` of a planned blockwise call (no keywords, no
+    reduction): operands enter autograd per their plans (free slices, gradient sums over broadcast axes),
+    ``func`` runs on the blocks, and the result is a block-graph result (no autograd node of its own).
+
+    Memo keys hold a layout for every tensor operand, so every operand with a plan is a ShardedTensor;
+    calls whose operands need neither slices nor gradient sums (the common case) take a shorter path."""
+    lay = layout(out_spec, out_shape, mesh)
+    plain = all(p is None or (not p.vary and not p.slices) for p in plans)
+    tensors = tuple(p is not None for p in plans)
+
+    def finish(out: torch.Tensor) -> ShardedTensor:
+        return new_block_graph(out, lay) if out.requires_grad else new_sharded(out, lay)
+
+    if plain and tensors == (True,):
+        def run(args, kw):
+            return finish(func(_block(args[0])))
+    elif plain and tensors == (True, True):
+        def run(args, kw):
+            return finish(func(_block(args[0]), _block(args[1])))
+    elif plain:
+        def run(args, kw):
+            return finish(func(*[_block(a) if t else a for a, t in zip(args, tensors)]))
+    else:
+        def run(args, kw):
+            return finish(func(*[a if p is None else apply_plan(a, p, mesh) for a, p in zip(args, plans)]))
+    return run

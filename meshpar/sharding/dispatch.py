@@ -47,15 +47,6 @@ class RuleRegistry:
 REGISTRY = RuleRegistry()
 register = REGISTRY.register
 
-# Attribute access and bookkeeping that never needs a rule.
-_PASSTHROUGH_NAMES = frozenset({
-    "__get__", "__set__", "__delete__", "backward", "register_hook", "register_post_accumulate_grad_hook",
-    "requires_grad_", "retain_grad", "dim", "size", "numel", "nelement", "element_size", "is_floating_point",
-    "is_complex", "__hash__", "data_ptr", "is_contiguous", "stride", "storage_offset", "get_device",
-    "__format__", "__len__", "__dir__", "__setstate__", "__deepcopy__", "_is_view", "is_signed",
-    "untyped_storage", "_typed_storage", "has_names", "__reduce_ex__", "is_shared", "is_pinned",
-})
-
 
 def describe(args, kwargs) -> str:
     """The specs of the ShardedTensor arguments, for error messages."""
@@ -216,13 +207,27 @@ def writes_first_operand(func) -> bool:
     return name.endswith("_") and not name.startswith("_")
 
 
+def _any_block_graph(args, kwargs) -> bool:
+    """Whether a block-graph ShardedTensor is among the operands (top level, or in a list, tuple or dict)."""
+    for a in (*args, *kwargs.values()):
+        t = type(a)
+        if t is ShardedTensor:
+            if a._bg:
+                return True
+        elif t in (list, tuple, dict):
+            flat, _ = tree_flatten(a)
+            if any(type(b) is ShardedTensor and b._bg for b in flat):
+                return True
+    return False
+
+
 def _graph_operands(func, args, kwargs):
     """``(args, kwargs, target)`` with every block-graph ShardedTensor operand replaced by a graph-connected
     wrapper; ``target`` is ``(x, copy)`` when ``func`` writes a block-graph ``x`` in place (else None).
     An ``out=`` tensor is left as it is (torch refuses ``out=`` under autograd itself)."""
-    flat, tree = tree_flatten((args, kwargs))
-    if not any(type(a) is ShardedTensor and a._bg for a in flat):
+    if not _any_block_graph(args, kwargs):
         return args, kwargs, None
+    flat, tree = tree_flatten((args, kwargs))
     out_kw = kwargs.get("out")
     x0 = args[0] if args else None
     target = None
@@ -283,8 +288,7 @@ def remember_grad(func: Callable, args: tuple, kwargs: dict, local_fn: Callable,
     key = signature(func, args, kwargs)
     if key is None:
         return
-    from ..ops.pointwise import grad_executor
-    from .core import OperandPlan
+    from .core import OperandPlan, grad_executor
     FAST_GRAD.remember(key, grad_executor(local_fn, (OperandPlan((), ()),), spec, tuple(shape), mesh))
 
 

@@ -16,7 +16,6 @@ Calls with no block-graph tensor among their operands go to torch unchanged.
 """
 from __future__ import annotations
 
-import inspect
 import weakref
 
 import torch
@@ -28,9 +27,6 @@ from .tensor import _BLOCK_GRAPH_USE, ShardedTensor
 
 T = torch.Tensor
 _DisableTF = torch._C.DisableTorchFunctionSubclass
-_BACKWARD = inspect.signature(torch.autograd.backward)
-_GRAD = inspect.signature(torch.autograd.grad)
-_T_BACKWARD = inspect.signature(T.backward)
 
 
 def _bg(x) -> bool:
@@ -46,7 +42,7 @@ def _as_list(x) -> list:
 def _seed(t: ShardedTensor, g, i: int) -> torch.Tensor:
     """The block of the gradient ``g`` of output ``t`` (``None``: ones, for a scalar ``t``)."""
     if g is None:
-        if t.numel() != 1:
+        if t._gshape.numel() != 1:
             raise RuntimeError("grad can be implicitly created only for scalar outputs")
         return torch.ones_like(t._local)
     if tuple(g.shape) != tuple(t._gshape):
@@ -82,42 +78,45 @@ def _roots(tensors, grads) -> tuple[list, list]:
 
 @register(T.backward)
 def _tensor_backward(func, args, kwargs):
-    b = _T_BACKWARD.bind(*args, **kwargs)
-    b.apply_defaults()
-    a = b.arguments
-    return torch.autograd.backward(a["self"], a["gradient"], a["retain_graph"], a["create_graph"], inputs=a["inputs"])
+    return _backward_of_tensor(*args, **kwargs)
+
+
+def _backward_of_tensor(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
+    return torch.autograd.backward(self, gradient, retain_graph, create_graph, inputs=inputs)
 
 
 @register(torch.autograd.backward)
 def _autograd_backward(func, args, kwargs):
-    b = _BACKWARD.bind(*args, **kwargs)
-    b.apply_defaults()
-    a = b.arguments
-    grads = a["grad_tensors"] if a["grad_tensors"] is not None else a["grad_variables"]
-    tensors, seeds = _roots(a["tensors"], grads)
-    inputs = _as_list(a["inputs"])
-    bg_inputs = [x for x in inputs if _bg(x)]
-    torch.autograd.backward(tensors, seeds, a["retain_graph"], a["create_graph"],
-                            inputs=[_input(x) for x in inputs] or None)
-    for x in bg_inputs:  # a non-leaf named in ``inputs`` gets its gradient in ``.grad``, as in torch
-        g = x._lg.grad
-        x.__dict__["_retained"] = None if g is None else ShardedTensor(g, x.spec.reduced(), x.mesh, x._gshape)
+    return _backward(*args, **kwargs)
+
+
+def _backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, grad_variables=None, inputs=None):
+    grads = grad_tensors if grad_tensors is not None else grad_variables
+    tensors, seeds = _roots(tensors, grads)
+    inputs = _as_list(inputs)
+    torch.autograd.backward(tensors, seeds, retain_graph, create_graph, inputs=[_input(x) for x in inputs] or None)
+    for x in inputs:  # a non-leaf named in ``inputs`` gets its gradient in ``.grad``, as in torch
+        if _bg(x):
+            g = x._lg.grad
+            x.__dict__["_retained"] = None if g is None else ShardedTensor(g, x.spec.reduced(), x.mesh, x._gshape)
 
 
 @register(torch.autograd.grad)
 def _autograd_grad(func, args, kwargs):
-    b = _GRAD.bind(*args, **kwargs)
-    b.apply_defaults()
-    a = b.arguments
-    if a["is_grads_batched"] and any(_bg(t) for t in _as_list(a["outputs"])):
+    return _grad(*args, **kwargs)
+
+
+def _grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False, only_inputs=True,
+          allow_unused=None, is_grads_batched=False, materialize_grads=False):
+    if is_grads_batched and any(_bg(t) for t in _as_list(outputs)):
         raise ShardingError("torch.autograd.grad(is_grads_batched=True) on a ShardedTensor output is not supported; "
                             "loop over the gradients instead")
-    outputs, seeds = _roots(a["outputs"], a["grad_outputs"])
-    inputs = _as_list(a["inputs"])
+    outputs, seeds = _roots(outputs, grad_outputs)
+    inputs = _as_list(inputs)
     check_no_hidden_use(outputs)
-    extra = {k: a[k] for k in ("allow_unused", "materialize_grads") if a[k]}
-    res = torch.autograd.grad(outputs, [_input(x) for x in inputs], seeds,
-                              a["retain_graph"], a["create_graph"], a["only_inputs"], **extra)
+    extra = {k: v for k, v in (("allow_unused", allow_unused), ("materialize_grads", materialize_grads)) if v}
+    res = torch.autograd.grad(outputs, [_input(x) for x in inputs], seeds, retain_graph, create_graph, only_inputs,
+                              **extra)
     out = []
     for x, g in zip(inputs, res):
         if _bg(x) and g is not None:
@@ -199,3 +198,17 @@ def _detach_(func, args, kwargs):
         x.grad = None
         x.requires_grad_(False)
     return x
+
+
+@register(T.requires_grad.__set__)
+def _set_requires_grad(func, args, kwargs):
+    x, flag = args
+    if _bg(x):
+        if not flag:  # torch's rule for a computed (non-leaf) tensor
+            raise RuntimeError("you can only change requires_grad flags of leaf variables. If you want to use a "
+                               "computed variable in a subgraph that doesn't require differentiation use "
+                               "var_no_grad = var.detach().")
+        return None
+    if isinstance(x, ShardedTensor):
+        x._ent = None  # its entered block (core.enter) follows requires_grad
+    return NotImplemented

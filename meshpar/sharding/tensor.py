@@ -57,7 +57,7 @@ class Layout:
     global shape as a plain tuple for ``_make_wrapper_subclass``.
     """
 
-    __slots__ = ("spec", "mesh", "gshape", "shape", "detached", "sentinels")
+    __slots__ = ("spec", "mesh", "gshape", "shape", "detached", "sentinel")
 
     def __init__(self, spec: P, mesh: Mesh, gshape: torch.Size, detached: bool = False):
         self.spec = spec
@@ -67,7 +67,7 @@ class Layout:
         # True for the private, uninterned layout of a detached view (see meshpar.sharding.views): no memo
         # entry is ever stored under it, so calls on such a tensor always take the slow, coherent path
         self.detached = detached
-        self.sentinels = None  # (dtype, device) -> the gradient sentinel of block-graph results (new_block_graph)
+        self.sentinel = None  # (dtype, device, tensor): the last gradient sentinel of block-graph results (grad_sentinel)
 
     def __repr__(self) -> str:
         return f"Layout({self.spec}, {tuple(self.gshape)}, {self.mesh})"
@@ -162,30 +162,31 @@ _SENTINEL_LINK = _SentinelLink()
 
 
 def grad_sentinel(lay: Layout, dtype: torch.dtype, device: torch.device) -> "ShardedTensor":
-    """The (shared, per layout, dtype and device) ``.grad`` sentinel of block-graph results laid out as ``lay``."""
-    table = lay.sentinels
-    if table is None:
-        table = lay.sentinels = {}
-    key = (dtype, device)
-    s = table.get(key)
-    if s is None:
-        s = _mws(ShardedTensor, lay.shape, None, None, None, dtype, _STRIDED, device)
-        s._local = torch.empty(0, dtype=dtype, device=device)
-        s.spec, s.mesh, s._gshape = lay.spec, lay.mesh, lay.gshape
-        s._lay = Layout(lay.spec, lay.mesh, lay.gshape, detached=True)  # never memoised under
-        s._view = _SENTINEL_LINK
-        table[key] = s
+    """The ``.grad`` sentinel of block-graph results laid out as ``lay`` (shared; the layout keeps the last
+    one made, by dtype and device: one per layout in practice)."""
+    c = lay.sentinel
+    if c is not None and c[0] is dtype and c[1] == device:
+        return c[2]
+    s = _mws(ShardedTensor, lay.shape, None, None, None, dtype, _STRIDED, device)
+    s._local = torch.empty(0, dtype=dtype, device=device)
+    s.spec, s.mesh, s._gshape = lay.spec, lay.mesh, lay.gshape
+    s._lay = Layout(lay.spec, lay.mesh, lay.gshape, detached=True)  # never memoised under
+    s._view = _SENTINEL_LINK
+    lay.sentinel = (dtype, device, s)
     return s
 
 
 def new_block_graph(local: torch.Tensor, lay: Layout) -> "ShardedTensor":
     """A ShardedTensor around ``local``, a block that carries the autograd graph (see above)."""
-    r = _mws(ShardedTensor, lay.shape, None, None, None, local.dtype, _STRIDED, local.device, False, True)
+    dtype, device = local.dtype, local.device
+    r = _mws(ShardedTensor, lay.shape, None, None, None, dtype, _STRIDED, device, False, True)
     r._local, r._lay, r.spec, r.mesh, r._gshape = local.detach(), lay, lay.spec, lay.mesh, lay.gshape
     r._lg = local
     r._bg = True
+    c = lay.sentinel
+    s = c[2] if c is not None and c[0] is dtype and c[1] == device else grad_sentinel(lay, dtype, device)
     with _DisableTF():
-        r.grad = grad_sentinel(lay, local.dtype, local.device)
+        r.grad = s
     if local.is_conj() or local.is_neg():
         mirror_math_bits(r, local)
     return r
@@ -366,7 +367,7 @@ class ShardedTensor(torch.Tensor):
     # autograd helpers of meshpar.sharding.core.enter (instance values only where set)
     _lg = None    # the graph-connected block of a block-graph result, or of a materialized wrapper
     _lgv = None   # the wrapper's grad_fn when _lg was recorded
-    _ent = None   # a leaf's entered block: (key, tensor)
+    _ent = None   # a leaf's entered blocks by vary (meshpar.sharding.core.enter)
     _view = None  # a detached view's link to its base (meshpar.sharding.views.ViewLink)
     _bg = False   # a block-graph result: the autograd graph lives on ``_lg`` (new_block_graph)
 
@@ -391,6 +392,12 @@ class ShardedTensor(torch.Tensor):
         if func in _GETTERS:  # autograd bookkeeping attributes: no layout involved
             if args[0]._bg and func in _BG_GETTERS:
                 return _BG_GETTERS[func](args[0])
+            with _DisableTF():
+                return func(*args)
+        if func is _SET_GRAD:  # ``x.grad = g``: bookkeeping too (a computed result keeps it aside, as retained)
+            if args[0]._bg:
+                args[0].__dict__["_retained"] = args[1]
+                return None
             with _DisableTF():
                 return func(*args)
         # fast path: a memoised executor for exactly this (op, layouts, arguments), one table per grad mode
@@ -439,11 +446,16 @@ class ShardedTensor(torch.Tensor):
 
 _T = torch.Tensor
 # attribute getters that only read autograd/dtype bookkeeping or the global shape of the wrapper (which
-# ``_make_wrapper_subclass`` set to the global shape: no rule needed, and ``.shape`` is read on every op)
+# ``_make_wrapper_subclass`` set to the global shape: no rule needed, and ``.shape`` is read on every op),
+# and metadata methods answered from the same
 _GETTERS = frozenset(getattr(_T, n).__get__ for n in (
     "requires_grad", "grad_fn", "is_leaf", "retains_grad", "_backward_hooks", "grad", "dtype", "device",
-    "_version", "is_cuda", "layout", "_base", "shape", "ndim") if hasattr(_T, n))
+    "_version", "is_cuda", "layout", "_base", "shape", "ndim") if hasattr(_T, n)) | frozenset(
+    # metadata methods of the wrapper (global sizes; no rule, no data, no autograd)
+    getattr(_T, n) for n in ("dim", "size", "numel", "nelement", "element_size", "is_floating_point", "is_complex",
+                             "is_signed", "get_device", "__len__"))
 _DisableTF = torch._C.DisableTorchFunctionSubclass
+_SET_GRAD = _T.grad.__set__
 # what a block-graph result reports for its autograd attributes (the dense result's answers)
 _BG_GETTERS = {
     _T.grad_fn.__get__: lambda x: x._lg.grad_fn,

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.multiprocessing as mp
+from multiprocessing.reduction import ForkingPickler
 
 
 def _free_port() -> int:
@@ -62,6 +63,10 @@ def _worker(rank: int, world: int, port: int, tasks, results, mesh_timeout_s: fl
                 # meshpar.manual_seed (found: test_nn's F.dropout seed check failed after test_semantics)
                 vars(mesh).pop("_rng_state", None)
                 out = fn(mesh, *args, **kwargs) if mesh.contains_me else None
+            # a result the queue cannot send (a function defined in a test, a tensor in an autograd graph)
+            # fails in the queue's feeder thread, out of reach: check here, so the parent gets the error
+            # at once instead of waiting out its timeout
+            ForkingPickler.dumps(out)
             results.put((tid, rank, True, out))
         except BaseException as e:  # noqa: BLE001 - report everything to the parent
             results.put((tid, rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
@@ -144,6 +149,9 @@ class WorkerPool:
         """
         if not self._ready:
             self._wait_ready()
+        # a task the queues cannot send (e.g. a function defined inside a test) would fail in their feeder
+        # threads and leave every rank waiting: fail here instead
+        ForkingPickler.dumps((fn, mesh_shape, mesh_names, args, kwargs))
         self._tid += 1
         tid = self._tid
         for q in self._tasks:
