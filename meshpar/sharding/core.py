@@ -322,6 +322,11 @@ def grad_executor(func, plans, out_spec: P, out_shape, mesh: Mesh):
     elif plain:
         def run(args, kw):
             return finish(func(*[_block(a) if t else a for a, t in zip(args, tensors)]))
+    elif not any(p is not None and p.slices for p in plans):  # gradient sums over broadcast axes only
+        varies = tuple(None if p is None else p.vary for p in plans)
+
+        def run(args, kw):
+            return finish(func(*[a if v is None else enter(a, v) for a, v in zip(args, varies)]))
     else:
         def run(args, kw):
             return finish(func(*[a if p is None else apply_plan(a, p, mesh) for a, p in zip(args, plans)]))
