@@ -76,11 +76,14 @@ def enter(x: ShardedTensor, vary: Iterable[str] = ()) -> torch.Tensor:
 
     No autograd node for a block-graph result of :func:`wrap` (its block is in the graph: the block
     itself, or a ``pvary`` of it over ``vary``). At most one node per op otherwise: a graph-connected
-    wrapper made by :func:`materialize` keeps its graph-connected block (``_lg``), which the next op uses directly (no node) while the wrapper's ``grad_fn`` is still the
-    one ``wrap`` made (an in-place op replaces it), its storage is the same, and nobody
-    watches the wrapper's own gradient (hooks, ``retain_grad``); a leaf keeps its entered block per
-    ``vary`` (the node saves no tensors, so it serves every forward) until its block is updated in place.
+    wrapper made by :func:`materialize` keeps its graph-connected block (``_lg``), which the next op
+    uses directly (no node) while the wrapper's ``grad_fn`` is still the one ``materialize`` made (an
+    in-place op replaces it), its storage is the same, and nobody watches the wrapper's own gradient
+    (hooks, ``retain_grad``); a leaf keeps its entered block per ``vary`` (the node saves no tensors,
+    so it serves every forward) until its block is updated in place.
     """
+    if type(vary) is not tuple:
+        vary = tuple(vary)
     if x._view is not None:  # a detached view (.views): bring its block up to date with its base first
         refresh(x)
     if x._bg:  # a block-graph result: its block is in the graph already
