@@ -260,3 +260,16 @@ def _inplace_split_operand_case(mesh):
 def test_inplace_replicated_target_split_operand(pool):
     for bad in pool.run(_inplace_split_operand_case, (2,), ("x",)):
         assert not bad, bad
+
+
+def test_autograd_api_example_runs():
+    """``torchrun --nproc-per-node 2 examples/autograd_api.py`` (it checks its gradients against dense)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "examples/autograd_api.py"], cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "match dense" in p.stdout and "refuses" in p.stdout
