@@ -273,3 +273,39 @@ def test_autograd_api_example_runs():
                         "examples/autograd_api.py"], cwd=root, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "match dense" in p.stdout and "refuses" in p.stdout
+
+
+def _leaf_cache_case(mesh):
+    """A leaf's entered block is cached across forwards; it must follow the leaf's block: an in-place update
+    (an optimizer step), new data behind the same block object (``.data =``, as ZeRO-3 regathers),
+    ``requires_grad`` switched off, and a different vary (same leaf, other rule)."""
+    bad = []
+    W = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))  # same on every rank
+    w = mp.shard(W.clone(), P("x"), mesh).requires_grad_()  # (shard keeps a view: W itself would change)
+    b = mp.shard(torch.ones(6, dtype=torch.float64), P(), mesh).requires_grad_()
+    (w * b).sum().backward()  # enters w and b (b varies over x: its gradient is summed)
+    with torch.no_grad():
+        w.mul_(2)  # in place: the cached entered block must not serve the old version's graph
+    w.grad = b.grad = None
+    (w * w * b).sum().backward()
+    if not _close(w.grad, 2 * (2 * W) * 1.0):
+        bad.append("after an in-place update: wrong gradient")
+    new = torch.full_like(w._local, 3.0)
+    w._local.data = new  # new data behind the same block object
+    y = w * 1.0
+    if not _close(y, torch.full((4, 6), 3.0, dtype=torch.float64)):
+        bad.append("after .data =: the old block was used")
+    w.requires_grad = False
+    if (w * 2).requires_grad:
+        bad.append("after requires_grad = False: the result still requires grad")
+    w.requires_grad_(True)
+    b.grad = None
+    ((w * b).sum() + (b * 2).sum()).backward()  # b with and without vary in one graph
+    if not _close(b.grad, torch.full((6,), 4 * 3.0 + 2.0, dtype=torch.float64)):
+        bad.append(f"b used with two varies: wrong gradient {mp.unshard(b.grad).tolist()}")
+    return bad
+
+
+def test_leaf_entered_block_cache_follows_the_leaf(pool):
+    for bad in pool.run(_leaf_cache_case, (2,), ("x",)):
+        assert not bad, bad
