@@ -309,3 +309,39 @@ def _leaf_cache_case(mesh):
 def test_leaf_entered_block_cache_follows_the_leaf(pool):
     for bad in pool.run(_leaf_cache_case, (2,), ("x",)):
         assert not bad, bad
+
+
+def _deepcopy_case(mesh):
+    """``copy.deepcopy`` of a parallelized module after a training backward (its parameters hold the
+    dispatcher's cached autograd-connected blocks): the copy has equal values in the same layouts, its own
+    storage, is still made of Parameters, and trains to the same gradients; a computed result refuses."""
+    import copy
+    bad = []
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 4).double()
+    mp.parallelize(lin, mesh, {"weight": P("x"), "bias": P()})
+    x = mp.shard(torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), P(), mesh)
+    (lin(x) * 2).sum().backward()
+    twin = copy.deepcopy(lin)
+    for (n, p), q in zip(lin.named_parameters(), twin.parameters()):
+        if not (isinstance(q, torch.nn.Parameter) and q.spec == p.spec and _close(q, p.detach())
+                and q._local.data_ptr() != p._local.data_ptr() and _close(q.grad, p.grad)):
+            bad.append(f"{n}: the copy differs")
+    lin.zero_grad()
+    twin.zero_grad()
+    (lin(x) ** 2).sum().backward()
+    (twin(x) ** 2).sum().backward()
+    for (n, p), q in zip(lin.named_parameters(), twin.parameters()):
+        if not (_close(q.grad, p.grad) and q.grad.spec == p.grad.spec):
+            bad.append(f"{n}: the copy trains to other gradients")
+    try:
+        copy.deepcopy(lin(x))
+        bad.append("deepcopy of a computed result did not raise")
+    except RuntimeError:
+        pass
+    return bad
+
+
+def test_deepcopy_of_a_trained_sharded_module(pool):
+    for bad in pool.run(_deepcopy_case, (2,), ("x",)):
+        assert not bad, bad

@@ -212,3 +212,38 @@ def _set_requires_grad(func, args, kwargs):
     if isinstance(x, ShardedTensor):
         x._ent = None  # its entered block (core.enter) follows requires_grad
     return NotImplemented
+
+
+@register(T.__deepcopy__)
+def _deepcopy(func, args, kwargs):
+    """``copy.deepcopy`` of a ShardedTensor: a copy of its block in the same layout on the same mesh (the mesh
+    and its process groups are shared, not copied), with ``requires_grad``, a copy of ``.grad`` and the user's
+    attributes (an ``nn.Parameter``'s flag, deferral marks); the dispatcher's caches are not carried over
+    (torch's own deepcopy copied them, and failed on the cached autograd-connected block)."""
+    x, memo = args[0], (args[1] if len(args) > 1 else kwargs.get("memo", {}))
+    if id(x) in memo:
+        return memo[id(x)]
+    with _DisableTF():
+        computed = x.grad_fn is not None
+    if _bg(x) or computed:  # torch's rule for a computed (non-leaf) tensor
+        raise RuntimeError("Only Tensors created explicitly by the user (graph leaves) support the deepcopy protocol "
+                           "at the moment; a ShardedTensor computed under autograd is not one. Deep-copy "
+                           "x.detach() instead.")
+    import copy
+    with torch.no_grad():
+        new = ShardedTensor(x._local.clone(), x.spec, x.mesh, x._gshape)
+    memo[id(x)] = new
+    for k, v in x.__dict__.items():
+        if k not in _NOT_COPIED:
+            setattr(new, k, copy.deepcopy(v, memo))
+    with _DisableTF():
+        rg, grad = x.requires_grad, x.grad
+    if rg:
+        new.requires_grad_(True)
+    if grad is not None:
+        new.grad = copy.deepcopy(grad, memo)
+    return new
+
+
+# the dispatcher's per-tensor caches and hook marks (meshpar.sharding.core.enter, views, keep_grad_layout)
+_NOT_COPIED = frozenset({"_ent", "_lg", "_lgv", "_bg", "_view", "_retained", "_meshpar_grad_hook", "_backward_hooks"})

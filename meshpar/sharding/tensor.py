@@ -72,6 +72,12 @@ class Layout:
     def __repr__(self) -> str:
         return f"Layout({self.spec}, {tuple(self.gshape)}, {self.mesh})"
 
+    def __copy__(self) -> "Layout":
+        return self  # an interned value: a copy of a tensor keeps its layout (and the mesh it lives on)
+
+    def __deepcopy__(self, memo) -> "Layout":
+        return self
+
 
 _LAYOUT_LIMIT = 1 << 16
 
