@@ -17,6 +17,7 @@ import functools
 
 from ..sharding.core import apply_plan, enter, grad_executor, make_block_graph, local_in, meta, operand_plan, reduce_unreduced, wrap
 from ..sharding.dispatch import FAST, FAST_GRAD, register, signature
+from ..sharding.grad_api import NON_LEAF_REQUIRES_GRAD
 from ..sharding.semantics import desc, float_cast, keep_partial
 from ..sharding.spec import P, base_axis
 from ..sharding.tensor import ShardedTensor, blockwise_exec, layout, new_block_graph, new_sharded
@@ -288,9 +289,7 @@ def _inplace(func, args, kwargs):
     if func is T.requires_grad_:
         if isinstance(target, ShardedTensor) and target._bg:  # a computed result: torch's rule for non-leaves
             if not (args[1] if len(args) > 1 else kwargs.get("requires_grad", True)):
-                raise RuntimeError("you can only change requires_grad flags of leaf variables. If you want to use a "
-                                   "computed variable in a subgraph that doesn't require differentiation use "
-                                   "var_no_grad = var.detach().")
+                raise RuntimeError(NON_LEAF_REQUIRES_GRAD)
             return target
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)

@@ -29,6 +29,10 @@ T = torch.Tensor
 _DisableTF = torch._C.DisableTorchFunctionSubclass
 
 
+NON_LEAF_REQUIRES_GRAD = ("you can only change requires_grad flags of leaf variables. If you want to use a computed "
+                          "variable in a subgraph that doesn't require differentiation use var_no_grad = var.detach().")
+
+
 def _bg(x) -> bool:
     return type(x) is ShardedTensor and x._bg
 
@@ -205,9 +209,7 @@ def _set_requires_grad(func, args, kwargs):
     x, flag = args
     if _bg(x):
         if not flag:  # torch's rule for a computed (non-leaf) tensor
-            raise RuntimeError("you can only change requires_grad flags of leaf variables. If you want to use a "
-                               "computed variable in a subgraph that doesn't require differentiation use "
-                               "var_no_grad = var.detach().")
+            raise RuntimeError(NON_LEAF_REQUIRES_GRAD)
         return None
     if isinstance(x, ShardedTensor):
         x._ent = None  # its entered block (core.enter) follows requires_grad
