@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from ..errors import ShardingError
 import functools
 
-from ..sharding.core import apply_plan, enter, grad_executor, make_block_graph, local_in, meta, operand_plan, reduce_unreduced, wrap
+from ..sharding.core import apply_plan, enter, grad_executor, local_in, meta, operand_plan, reduce_unreduced, wrap
 from ..sharding.dispatch import FAST, FAST_GRAD, register, signature
 from ..sharding.grad_api import NON_LEAF_REQUIRES_GRAD
 from ..sharding.semantics import desc, float_cast, keep_partial
 from ..sharding.spec import P, base_axis
-from ..sharding.tensor import ShardedTensor, blockwise_exec, layout, new_block_graph, new_sharded
+from ..sharding.tensor import ShardedTensor, blockwise_exec, layout, make_block_graph, new_sharded
 from ._util import common_mesh
 
 T = torch.Tensor

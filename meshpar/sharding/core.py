@@ -24,7 +24,7 @@ import torch
 from ..mesh import Mesh, collectives as C
 from .semantics import check_output, implicit
 from .spec import P, base_axis, is_zigzag
-from .tensor import ShardedTensor, grad_sentinel, layout, new_block_graph, new_sharded
+from .tensor import ShardedTensor, layout, new_block_graph, new_sharded
 from .views import refresh
 
 _DisableTF = torch._C.DisableTorchFunctionSubclass
@@ -88,11 +88,10 @@ def enter(x: ShardedTensor, vary: Iterable[str] = ()) -> torch.Tensor:
         refresh(x)
     if x._bg:  # a block-graph result: its block is in the graph already
         if vary and torch.is_grad_enabled():
-            mesh = x.mesh
-            vary = tuple(a for a in vary if mesh.size(a) > 1)
+            vary = _live(vary, x.mesh)
             if vary:
                 from ..mesh.autograd import pvary
-                return pvary(x._lg, mesh, vary)
+                return pvary(x._lg, x.mesh, vary)
         return x._lg
     if not torch.is_grad_enabled():
         return x._local
@@ -111,11 +110,7 @@ def enter(x: ShardedTensor, vary: Iterable[str] = ()) -> torch.Tensor:
     with _DisableTF():  # the autograd attributes as torch keeps them, without a trip through __torch_function__
         if not x.requires_grad:
             return x._local
-        if vary:
-            mesh = x.mesh
-            vary = tuple(a for a in vary if mesh.size(a) > 1)
-        else:
-            vary = ()
+        vary = _live(vary, x.mesh) if vary else ()
         loc = x._local
         gf = x.grad_fn
         if not vary:
@@ -132,6 +127,11 @@ def enter(x: ShardedTensor, vary: Iterable[str] = ()) -> torch.Tensor:
             ents[key_vary] = (loc, loc._version, loc.data_ptr(), getattr(x, "_meshpar_defer_reduce", None), out)
             return out
         return _Enter.apply(x, vary)
+
+
+def _live(vary: tuple, mesh: Mesh) -> tuple:
+    """The axes of ``vary`` with more than one rank (a gradient sum over the others is the identity)."""
+    return tuple(a for a in vary if mesh.size(a) > 1)
 
 
 def wrap(local: torch.Tensor, spec: P, mesh: Mesh, shape: Sequence[int]) -> ShardedTensor:
@@ -156,17 +156,6 @@ def materialize(x: ShardedTensor, clone: bool = False) -> ShardedTensor:
     out._lg = loc
     out._lgv = out.grad_fn  # an in-place op recorded on the wrapper replaces it: _lg is then stale
     return out
-
-
-def make_block_graph(x: ShardedTensor) -> None:
-    """Turn ``x``, a wrapper without a graph whose block gained one (an in-place write from operands that
-    require grad), into a block-graph result, in place."""
-    with torch._C.DisableTorchFunctionSubclass():
-        x.requires_grad_(True)
-        x.grad = grad_sentinel(layout(x.spec, x._gshape, x.mesh), x.dtype, x.device)
-    x._lg = x._local
-    x._local = x._lg.detach()
-    x._bg = True
 
 
 def tracked(x):

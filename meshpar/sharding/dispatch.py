@@ -21,7 +21,7 @@ from ..mesh.collectives import _CURRENT_OP as _OP
 from . import views as _views
 from .semantics import USER_OP, is_strict
 from .spec import is_zigzag
-from .core import enter, materialize
+from .core import OperandPlan, enter, grad_executor, materialize
 from .tensor import _FAST, _FAST_GRAD, Layout, ShardedTensor, fast_key, layout, local_fn_exec, same_call_exec
 
 Rule = Callable[[Callable, tuple, dict], Any]
@@ -288,7 +288,6 @@ def remember_grad(func: Callable, args: tuple, kwargs: dict, local_fn: Callable,
     key = signature(func, args, kwargs)
     if key is None:
         return
-    from .core import OperandPlan, grad_executor
     FAST_GRAD.remember(key, grad_executor(local_fn, (OperandPlan((), ()),), spec, tuple(shape), mesh))
 
 

@@ -16,6 +16,7 @@ Calls with no block-graph tensor among their operands go to torch unchanged.
 """
 from __future__ import annotations
 
+import copy
 import weakref
 
 import torch
@@ -231,7 +232,6 @@ def _deepcopy(func, args, kwargs):
         raise RuntimeError("Only Tensors created explicitly by the user (graph leaves) support the deepcopy protocol "
                            "at the moment; a ShardedTensor computed under autograd is not one. Deep-copy "
                            "x.detach() instead.")
-    import copy
     with torch.no_grad():
         new = ShardedTensor(x._local.clone(), x.spec, x.mesh, x._gshape)
     memo[id(x)] = new
@@ -248,4 +248,4 @@ def _deepcopy(func, args, kwargs):
 
 
 # the dispatcher's per-tensor caches and hook marks (meshpar.sharding.core.enter, views, keep_grad_layout)
-_NOT_COPIED = frozenset({"_ent", "_lg", "_lgv", "_bg", "_view", "_retained", "_meshpar_grad_hook", "_backward_hooks"})
+_NOT_COPIED = frozenset({"_ent", "_lg", "_lgv", "_bg", "_view", "_retained", "_meshpar_grad_hook"})

@@ -182,8 +182,21 @@ def grad_sentinel(lay: Layout, dtype: torch.dtype, device: torch.device) -> "Sha
     return s
 
 
+def _adopt_block_graph(r: "ShardedTensor", local: torch.Tensor, lay: Layout) -> None:
+    """Make the wrapper ``r`` (a leaf that requires grad) a block-graph result around ``local``."""
+    r._local = local.detach()
+    r._lg = local
+    r._bg = True
+    s = grad_sentinel(lay, local.dtype, local.device)
+    with _DisableTF():
+        r.grad = s
+
+
 def new_block_graph(local: torch.Tensor, lay: Layout) -> "ShardedTensor":
-    """A ShardedTensor around ``local``, a block that carries the autograd graph (see above)."""
+    """A ShardedTensor around ``local``, a block that carries the autograd graph (see above).
+
+    On every op's path under autograd: :func:`_adopt_block_graph` and the sentinel lookup are inlined
+    (the calls measured about 1 µs per op on the CPU)."""
     dtype, device = local.dtype, local.device
     r = _mws(ShardedTensor, lay.shape, None, None, None, dtype, _STRIDED, device, False, True)
     r._local, r._lay, r.spec, r.mesh, r._gshape = local.detach(), lay, lay.spec, lay.mesh, lay.gshape
@@ -196,6 +209,14 @@ def new_block_graph(local: torch.Tensor, lay: Layout) -> "ShardedTensor":
     if local.is_conj() or local.is_neg():
         mirror_math_bits(r, local)
     return r
+
+
+def make_block_graph(x: "ShardedTensor") -> None:
+    """Turn ``x``, a wrapper without a graph whose block gained one (an in-place write from operands that
+    require grad), into a block-graph result, in place."""
+    with _DisableTF():
+        x.requires_grad_(True)
+    _adopt_block_graph(x, x._local, layout_of(x))
 
 
 # ---------------------------------------------------------------------------- no-grad memo
