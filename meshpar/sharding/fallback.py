@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..errors import ShardingError
 from ..mesh import collectives as C
-from .generic import common_mesh, global_value, operand_block, shared_rng, value_block, write_value
+from .generic import common_mesh, global_value, operand_block, shared_rng, write_value
 from .layout import take_block
 from .semantics import check_output, desc, float_cast, keep_partial, op_label
 from .spec import P
